@@ -1,0 +1,1 @@
+"""HyperMAML training system."""

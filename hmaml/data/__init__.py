@@ -1,0 +1,1 @@
+"""Datasets: raw sources -> WebDataset shards -> episodic N-way K-shot tasks."""

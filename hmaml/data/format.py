@@ -1,0 +1,75 @@
+"""The on-disk contract between packing and streaming: one WebDataset sample per class.
+
+A pack is a folder holding ``manifest.json`` and ``{split}-{i:06d}.tar`` shards. Each sample in a
+shard is one class: ``cls.json`` (split-local label, class name, image count) and ``images.npy``
+(uint8 array ``[n, H, W, C]`` at the working size). One record per class, as Meta-Dataset does,
+because an episode needs K+Q images of each of N classes: a class record is one sequential read and
+a zero-cost decode, and the streaming sampler never has to regroup a shuffled image stream into
+per-class buffers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hmaml.errors import HmamlError
+
+PACK_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of the ``index``-th shard of ``split``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def encode_class_record(label: int, name: str, images: np.ndarray) -> dict[str, Any]:
+    """Build the WebDataset sample of one class (``images``: uint8 ``[n, H, W, C]``)."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"class {name!r}: images must be uint8 [n, H, W, C], got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    buf = io.BytesIO()
+    np.save(buf, images, allow_pickle=False)
+    meta = {"label": int(label), "name": name, "count": int(images.shape[0])}
+    return {"__key__": f"{label:06d}", "cls.json": json.dumps(meta).encode(),
+            "images.npy": buf.getvalue()}
+
+
+def decode_class_record(sample: dict[str, Any]) -> tuple[int, str, np.ndarray]:
+    """Inverse of :func:`encode_class_record` on a raw (undecoded) WebDataset sample."""
+    meta = json.loads(sample["cls.json"])
+    images = np.load(io.BytesIO(sample["images.npy"]), allow_pickle=False)
+    return int(meta["label"]), str(meta["name"]), images
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(pack_dir: str | Path) -> dict[str, Any]:
+    """Load and check a pack's manifest; refuse a missing file or another pack version."""
+    path = Path(pack_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise HmamlError(f"{path}: no manifest — pack a dataset there first "
+                         "(python launch/pack.py ...)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HmamlError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    version = manifest.get("pack_version")
+    if version != PACK_VERSION:
+        raise HmamlError(f"{path}: pack_version {version!r} is not the supported {PACK_VERSION}; "
+                         "re-pack the dataset with this version of hmaml")
+    return manifest

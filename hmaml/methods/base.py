@@ -1,0 +1,87 @@
+"""The one interface every few-shot method implements."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hmaml.errors import HmamlError
+from hmaml.methods.functional import task_accuracy
+from hmaml.models import Encoder
+from hmaml.tasks import TaskBatch
+
+
+@dataclass
+class MethodOutput:
+    """Query logits ``[T, N*Q, N]``, the meta-loss (mean over tasks) and per-task losses."""
+
+    logits: Tensor
+    loss: Tensor
+    task_loss: Tensor
+    weight_update_norm: Tensor | None = None
+    bias_update_norm: Tensor | None = None
+
+    def accuracy(self, query_y: Tensor) -> Tensor:
+        """Per-task query accuracy ``[T]``."""
+        return task_accuracy(self.logits.detach(), query_y)
+
+
+class LinearHead(nn.Module):
+    """The universal classifier theta = (W, b); b starts at zero as in the paper."""
+
+    def __init__(self, feat_dim: int, n_way: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_way, feat_dim))
+        self.bias = nn.Parameter(torch.zeros(n_way))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def expand(self, tasks: int) -> tuple[Tensor, Tensor]:
+        """theta broadcast to ``[T, N, D]`` and ``[T, N]`` (a view, no copy)."""
+        return (self.weight.unsqueeze(0).expand(tasks, -1, -1),
+                self.bias.unsqueeze(0).expand(tasks, -1))
+
+
+class Method(nn.Module):
+    """A few-shot learner: ``forward(batch)`` adapts to all T tasks in one vectorised pass.
+
+    Methods know nothing of data loading or distributed training; the training loop calls
+    :meth:`set_epoch` once per epoch for schedules that depend on it.
+    """
+
+    def __init__(self, encoder: Encoder, n_way: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.n_way = n_way
+
+    def set_epoch(self, epoch: int) -> None:
+        """Hook for epoch-dependent behaviour (HyperMAML's warm-up switch)."""
+
+    def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """Support and query embeddings from one encoder pass, normalised separately per task."""
+        n_support = batch.support_x.shape[1]
+        emb = self.encoder(torch.cat([batch.support_x, batch.query_x], dim=1), split=n_support)
+        return emb[:, :n_support], emb[:, n_support:]
+
+    def check(self, batch: TaskBatch) -> None:
+        """Cheap shape checks (no device sync) that name what is wrong."""
+        if batch.n_way != self.n_way:
+            raise HmamlError(f"task batch has n_way={batch.n_way} but the model was built for "
+                             f"n_way={self.n_way}")
+        if batch.support_x.dim() != 5 or batch.query_x.dim() != 5:
+            raise HmamlError("support_x/query_x must be [T, examples, C, H, W], got "
+                             f"{tuple(batch.support_x.shape)} and {tuple(batch.query_x.shape)}")
+        if tuple(batch.support_y.shape) != tuple(batch.support_x.shape[:2]):
+            raise HmamlError(f"support_y shape {tuple(batch.support_y.shape)} does not match "
+                             f"support_x [T, N*K] = {tuple(batch.support_x.shape[:2])}")
+        if tuple(batch.query_y.shape) != tuple(batch.query_x.shape[:2]):
+            raise HmamlError(f"query_y shape {tuple(batch.query_y.shape)} does not match "
+                             f"query_x [T, N*Q] = {tuple(batch.query_x.shape[:2])}")
+        if batch.support_x.shape[1] % self.n_way:
+            raise HmamlError(f"support holds {batch.support_x.shape[1]} examples per task, not "
+                             f"N*K for n_way={self.n_way}")
+
+    def forward(self, batch: TaskBatch) -> MethodOutput:
+        raise NotImplementedError

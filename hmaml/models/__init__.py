@@ -1,0 +1,26 @@
+"""Encoders chosen by name."""
+
+from __future__ import annotations
+
+from hmaml.errors import HmamlError
+from hmaml.models.backbones import Conv4, Conv4Pool, Encoder, ResNet10, ResNet12
+
+ENCODERS: dict[str, type[Encoder]] = {
+    "conv4": Conv4,
+    "conv4pool": Conv4Pool,
+    "resnet10": ResNet10,
+    "resnet12": ResNet12,
+}
+
+
+def build_encoder(name: str, in_channels: int, image_size: int) -> Encoder:
+    """The encoder called ``name`` for images of ``in_channels`` x ``image_size`` px."""
+    try:
+        cls = ENCODERS[name]
+    except KeyError:
+        raise HmamlError(f"model.encoder: unknown encoder {name!r}; "
+                         f"choose one of {', '.join(ENCODERS)}") from None
+    return cls(in_channels, image_size)
+
+
+__all__ = ["ENCODERS", "Encoder", "build_encoder"]

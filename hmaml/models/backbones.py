@@ -1,0 +1,154 @@
+"""Few-shot encoders: Conv4, Conv4Pool, ResNet-10 and ResNet-12, all with per-task BatchNorm.
+
+Every encoder maps images ``[T, B, C, H, W]`` to embeddings ``[T, B, D]``. Convolutions see one
+flat batch of ``T * B`` images (one kernel launch for all tasks); only the normalisation looks at
+task boundaries (see :mod:`hmaml.models.norm`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from hmaml.models.norm import Groups, TaskBatchNorm2d
+
+
+class Encoder(nn.Module):
+    """Base class: subclasses implement :meth:`features` on a flat batch and set ``feat_dim``."""
+
+    feat_dim: int
+
+    def features(self, x: Tensor, groups: Groups) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, split: int | None = None) -> Tensor:
+        """Embed ``[T, B, C, H, W]``; ``split`` gives the examples ``[:split]`` own statistics."""
+        tasks, examples = x.shape[:2]
+        out = self.features(x.reshape(tasks * examples, *x.shape[2:]), Groups(tasks, split))
+        return out.reshape(tasks, examples, -1)
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 -> per-task BN -> ReLU -> maxpool 2."""
+
+    def __init__(self, cin: int, cout: int, pool: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn = TaskBatchNorm2d(cout)
+        self.pool = pool
+
+    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+        x = F.relu(self.bn(self.conv(x), groups))
+        return F.max_pool2d(x, 2) if self.pool else x
+
+
+class Conv4(Encoder):
+    """4 x [conv3x3 64, BN, ReLU, maxpool 2], flattened: 64-d at 28 px, 1600-d at 84 px."""
+
+    def __init__(self, in_channels: int, image_size: int, width: int = 64,
+                 global_pool: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ConvBlock(in_channels if i == 0 else width, width) for i in range(4))
+        self.global_pool = global_pool
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for Conv4 (needs >= 16)")
+        self.feat_dim = width if global_pool else width * side * side
+
+    def features(self, x: Tensor, groups: Groups) -> Tensor:
+        for block in self.blocks:
+            x = block(x, groups)
+        return x.mean(dim=(2, 3)) if self.global_pool else x.flatten(1)
+
+
+class Conv4Pool(Conv4):
+    """Conv4 with global average pooling: 64-d whatever the image size (the 84 px encoder)."""
+
+    def __init__(self, in_channels: int, image_size: int, width: int = 64) -> None:
+        super().__init__(in_channels, image_size, width, global_pool=True)
+
+
+class BasicBlock(nn.Module):
+    """Two conv3x3 with per-task BN and a projected shortcut (ResNet-10/18 style)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = TaskBatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = TaskBatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut_bn = TaskBatchNorm2d(cout)
+
+    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x), groups))
+        out = self.bn2(self.conv2(out), groups)
+        skip = x if self.shortcut is None else self.shortcut_bn(self.shortcut(x), groups)
+        return F.relu(out + skip)
+
+
+class ResNet10(Encoder):
+    """ResNet-10 of the few-shot literature: a 7x7 stem, four one-block stages, average pool."""
+
+    def __init__(self, in_channels: int, image_size: int,
+                 widths: tuple[int, ...] = (64, 128, 256, 512)) -> None:
+        super().__init__()
+        del image_size  # global pooling makes the embedding size independent of it
+        self.stem = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+        self.stem_bn = TaskBatchNorm2d(widths[0])
+        cins = (widths[0], *widths[:-1])
+        self.stages = nn.ModuleList(
+            BasicBlock(cin, cout, 1 if i == 0 else 2) for i, (cin, cout) in
+            enumerate(zip(cins, widths, strict=True)))
+        self.feat_dim = widths[-1]
+
+    def features(self, x: Tensor, groups: Groups) -> Tensor:
+        x = F.relu(self.stem_bn(self.stem(x), groups))
+        x = F.max_pool2d(x, 3, 2, 1)
+        for stage in self.stages:
+            x = stage(x, groups)
+        return x.mean(dim=(2, 3))
+
+
+class ResNet12Block(nn.Module):
+    """Three conv3x3 with per-task BN and leaky ReLU, a 1x1 shortcut, then maxpool 2."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(cin if i == 0 else cout, cout, 3, 1, 1, bias=False) for i in range(3))
+        self.bns = nn.ModuleList(TaskBatchNorm2d(cout) for _ in range(3))
+        self.shortcut = nn.Conv2d(cin, cout, 1, bias=False)
+        self.shortcut_bn = TaskBatchNorm2d(cout)
+
+    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+        out = x
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            out = bn(conv(out), groups)
+            if i < 2:
+                out = F.leaky_relu(out, 0.1)
+        out = F.leaky_relu(out + self.shortcut_bn(self.shortcut(x), groups), 0.1)
+        return F.max_pool2d(out, 2)
+
+
+class ResNet12(Encoder):
+    """ResNet-12 of MetaOptNet/FEAT: four 3-conv residual blocks (64-160-320-640), average pool."""
+
+    def __init__(self, in_channels: int, image_size: int,
+                 widths: tuple[int, ...] = (64, 160, 320, 640)) -> None:
+        super().__init__()
+        del image_size
+        cins = (in_channels, *widths[:-1])
+        self.blocks = nn.ModuleList(
+            ResNet12Block(cin, cout) for cin, cout in zip(cins, widths, strict=True))
+        self.feat_dim = widths[-1]
+
+    def features(self, x: Tensor, groups: Groups) -> Tensor:
+        for block in self.blocks:
+            x = block(x, groups)
+        return x.mean(dim=(2, 3))
