@@ -74,7 +74,7 @@ def test_second_order_meta_gradient_matches_finite_differences(adapt: str) -> No
     params = list(model.parameters())
     flat = torch.cat([p.detach().flatten() for p in params])
     gen = torch.Generator().manual_seed(1)
-    for index in torch.randint(0, flat.numel(), (4,), generator=gen).tolist() + [flat.numel() - 1]:
+    for index in [*torch.randint(0, flat.numel(), (4,), generator=gen).tolist(), flat.numel() - 1]:
         values = []
         for sign in (1.0, -1.0):
             shifted = flat.clone()
@@ -245,7 +245,7 @@ def test_unknown_method_and_adapt_mode_are_named() -> None:
     from hmaml.methods import build_method
     from hmaml.models import build_encoder
 
-    with pytest.raises(HmamlError, match="method.name: unknown method 'reptile'"):
+    with pytest.raises(HmamlError, match=r"method\.name: unknown method 'reptile'"):
         build_method(SimpleNamespace(name="reptile"), build_encoder("conv4", 1, 28), 5)
-    with pytest.raises(HmamlError, match="method.adapt: 'body'"):
+    with pytest.raises(HmamlError, match=r"method\.adapt: 'body'"):
         build("maml", adapt="body")

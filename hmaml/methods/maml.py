@@ -71,7 +71,7 @@ def _whole_network_task(model: MAML, steps: int, lr: float, first_order: bool) -
     def logits_fn(params: dict[str, Tensor], x: Tensor) -> Tensor:
         enc = {k.removeprefix("encoder."): v for k, v in params.items()
                if k.startswith("encoder.")}
-        emb = functional_call(model.encoder, enc, (x.unsqueeze(0),))
+        emb = functional_call(model.encoder, enc, (x.unsqueeze(0),), {"channels_last": False})
         return linear_logits(emb, params["head.weight"].unsqueeze(0),
                              params["head.bias"].unsqueeze(0)).squeeze(0)
 

@@ -7,6 +7,7 @@ task boundaries (see :mod:`hmaml.models.norm`).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -21,11 +22,30 @@ class Encoder(nn.Module):
     def features(self, x: Tensor, groups: Groups) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, split: int | None = None) -> Tensor:
-        """Embed ``[T, B, C, H, W]``; ``split`` gives the examples ``[:split]`` own statistics."""
+    def forward(self, x: Tensor, split: int | None = None, channels_last: bool = True) -> Tensor:
+        """Embed ``[T, B, C, H, W]``; ``split`` gives the examples ``[:split]`` own statistics.
+
+        Channels-last layout makes CPU convolutions and pooling faster and the per-task reduction
+        a free view; ``channels_last=False`` is for callers under ``torch.func.vmap``, which
+        cannot change memory formats.
+        """
         tasks, examples = x.shape[:2]
-        out = self.features(x.reshape(tasks * examples, *x.shape[2:]), Groups(tasks, split))
+        flat = x.reshape(tasks * examples, *x.shape[2:])
+        if channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        out = self.features(flat, Groups(tasks, split))
         return out.reshape(tasks, examples, -1)
+
+
+class Pixels(Encoder):
+    """No learned features: the flattened input itself (raw-pixel baselines, the 2-D toy)."""
+
+    def __init__(self, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.feat_dim = in_channels * image_size * image_size
+
+    def features(self, x: Tensor, groups: Groups) -> Tensor:
+        return x.flatten(1)
 
 
 class ConvBlock(nn.Module):
@@ -33,12 +53,13 @@ class ConvBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, pool: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        # no bias: the per-task BatchNorm right after it would subtract it again
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.bn = TaskBatchNorm2d(cout)
         self.pool = pool
 
     def forward(self, x: Tensor, groups: Groups) -> Tensor:
-        x = F.relu(self.bn(self.conv(x), groups))
+        x = F.relu_(self.bn(self.conv(x), groups))
         return F.max_pool2d(x, 2) if self.pool else x
 
 
