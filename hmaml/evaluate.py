@@ -1,0 +1,89 @@
+"""The test protocol: fixed episode lists, accuracy gathered across ranks, mean ± 95% CI.
+
+Every rank classifies its share of a fixed list of episodes (see
+:func:`hmaml.data.episodes.eval_episodes`); the per-episode accuracies are gathered and put back
+in global episode order, so the figures do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hmaml.data.episodes import EvalBatch
+from hmaml.methods import Method
+
+
+@dataclass
+class EvalResult:
+    """Per-episode accuracies (global episode order) and their summary, in percent."""
+
+    accuracies: np.ndarray
+    mean: float
+    ci95: float
+    weight_update_norm: float | None = None
+    bias_update_norm: float | None = None
+
+    @staticmethod
+    def of(accuracies: np.ndarray, weight_norm: float | None = None,
+           bias_norm: float | None = None) -> EvalResult:
+        mean, ci = mean_ci95(accuracies)
+        return EvalResult(accuracies, mean, ci, weight_norm, bias_norm)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {"acc": self.mean, "ci95": self.ci95, "episodes": int(self.accuracies.size),
+                "weight_update_norm": self.weight_update_norm,
+                "bias_update_norm": self.bias_update_norm}
+
+
+def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
+    """Mean accuracy and 1.96·σ/√n, both in percent (the few-shot literature's convention)."""
+    acc = 100.0 * np.asarray(accuracies, dtype=np.float64)
+    return float(acc.mean()), float(1.96 * acc.std() / math.sqrt(acc.size))
+
+
+def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator, autocast=None
+             ) -> EvalResult:
+    """Classify this rank's episodes, gather all ranks' results, return them in episode order.
+
+    ``method`` may be wrapped (DDP); adaptation runs without building an autograd graph
+    (MAML's inner gradients come from closed forms or ``torch.func``, which ignore ``no_grad``).
+    """
+    device = accelerator.device
+    indices, accs, w_norms, b_norms = [], [], [], []
+    method.eval()
+    with torch.no_grad():
+        for batch in batches:
+            tasks = batch.tasks.to(device, non_blocking=True)
+            with autocast() if autocast is not None else torch.autocast(device.type,
+                                                                         enabled=False):
+                out = method(tasks)
+            indices.append(batch.indices.to(device))
+            accs.append(out.accuracy(tasks.query_y).float())
+            if out.weight_update_norm is not None:
+                w_norms.append(out.weight_update_norm.float())
+                b_norms.append(out.bias_update_norm.float())
+    method.train()
+    local = torch.stack([torch.cat(indices).double(), torch.cat(accs).double()], dim=1)
+    gathered = _gather_rows(local, accelerator)
+    order = torch.argsort(gathered[:, 0])
+    accuracies = gathered[order, 1].cpu().numpy()
+    norms: list[float | None] = [None, None]
+    if w_norms:
+        both = _gather_rows(torch.stack([torch.cat(w_norms), torch.cat(b_norms)], 1).double(),
+                            accelerator)
+        norms = [float(both[:, 0].mean()), float(both[:, 1].mean())]
+    return EvalResult.of(accuracies, *norms)
+
+
+def _gather_rows(rows: torch.Tensor, accelerator) -> torch.Tensor:
+    """Concatenate every rank's rows (ranks may hold different counts; the first column of a
+    real row is never negative, so padding rows are marked with -1 there and dropped)."""
+    if accelerator.num_processes == 1:
+        return rows
+    gathered = accelerator.gather(accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
+    return gathered[gathered[:, 0] >= 0]

@@ -1,0 +1,466 @@
+"""The training loop: meta-batches split across processes, exact resume, validation, test, MLflow.
+
+One optimizer step consumes ``train.meta_batch`` tasks summed over all processes: each rank
+takes ``meta_batch / world`` of them, in ``train.grad_accum`` micro-batches, each one vectorised
+forward pass. Every task's loss is divided by the number of tasks of the step on its rank, and
+DDP averages the ranks' gradients, so k processes and one process make the same update on the
+same tasks. An epoch is ``train.episodes_per_epoch`` tasks; the last step of an epoch takes the
+remainder rather than dropping it.
+
+Checkpoints are written atomically at the end of every epoch (and at a step boundary when a stop
+is requested, e.g. SIGTERM from SLURM): re-running the same config on the same ``run_dir``
+resumes exactly where it stopped, the data stream included (it is a pure function of seed,
+rank, worker and epoch; a stop mid-epoch replays the epoch's batches up to the step reached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hmaml.config import Config, fingerprint, to_yaml
+from hmaml.data.episodes import EvalLoader, eval_loader, train_loader
+from hmaml.data.format import MANIFEST_NAME, read_manifest
+from hmaml.errors import HmamlError
+from hmaml.evaluate import EvalResult, evaluate
+from hmaml.methods import Method, build_method
+from hmaml.models import build_encoder
+from hmaml.tasks import TaskBatch
+from hmaml.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from hmaml.train.tracking import make_tracker, plot_learning_curve
+
+CHECKPOINT, BEST, TEST, PROGRESS, HISTORY = ("checkpoint.pt", "best.pt", "test.json",
+                                             "progress.json", "history.jsonl")
+
+
+def make_accelerator(cfg: Config):
+    """The Accelerator for this process, checked against the world size the launcher intended.
+
+    On CPU, Accelerate needs ``cpu=True`` for the ranks to form a (gloo) process group; without
+    it every rank silently trains alone. The check against ``WORLD_SIZE`` makes that loud.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available()
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    # DeepSpeed on CPU needs gloo named explicitly; DDP on CPU picks it by itself
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg.train.mixed_precision,
+                              kwargs_handlers=handlers)
+    if accelerator.num_processes != expected:
+        raise HmamlError(f"launched as {expected} processes (WORLD_SIZE) but Accelerate formed "
+                         f"a group of {accelerator.num_processes}: on CPU use "
+                         "configs/accelerate/cpu2.yaml or torchrun")
+    return accelerator
+
+
+def step_sizes(tasks_per_rank: int, micro_batch: int, grad_accum: int) -> list[list[int]]:
+    """Micro-batch sizes of each optimizer step of an epoch on one rank (last step: the rest)."""
+    sizes = [micro_batch] * (tasks_per_rank // micro_batch)
+    if tasks_per_rank % micro_batch:
+        sizes.append(tasks_per_rank % micro_batch)
+    return [sizes[i : i + grad_accum] for i in range(0, len(sizes), grad_accum)]
+
+
+def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   micro_batches: list[TaskBatch], max_grad_norm: float | None = None
+                   ) -> dict[str, float]:
+    """One meta-update from this rank's micro-batches; returns this rank's mean loss and acc.
+
+    Each task loss is divided by the rank's task count of the step, so the accumulated gradient
+    is the rank's task mean and DDP's average over ranks is the mean over the whole meta-batch.
+    """
+    step_tasks = sum(b.num_tasks for b in micro_batches)
+    loss_sum = acc_sum = w_sum = b_sum = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = nullcontext() if last else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                out = model(batch)
+            accelerator.backward(out.task_loss.sum() / step_tasks)
+        loss_sum += float(out.task_loss.detach().sum())
+        acc_sum += float(out.accuracy(batch.query_y).sum())
+        if out.weight_update_norm is not None:
+            w_sum += float(out.weight_update_norm.sum())
+            b_sum += float(out.bias_update_norm.sum())
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return {"loss": loss_sum, "acc": acc_sum, "weight_norm": w_sum, "bias_norm": b_sum,
+            "tasks": float(step_tasks)}
+
+
+class StopFlag:
+    """Set by SIGTERM (SLURM preemption) or a caller's predicate; checked at step boundaries."""
+
+    def __init__(self, predicate: Callable[[], bool] | None) -> None:
+        self.predicate = predicate
+        self.signalled = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signalled = True
+
+    def __call__(self) -> bool:
+        return self.signalled or bool(self.predicate and self.predicate())
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Holds the state of one training run; :func:`train` is the entry point."""
+
+    def __init__(self, cfg: Config, accelerator, stop: StopFlag) -> None:
+        self.cfg, self.acc, self.stop = cfg, accelerator, stop
+        self.run_dir = Path(cfg.run_dir)
+        self.main = accelerator.is_main_process
+        data, train = cfg.data, cfg.train
+        self.world = accelerator.num_processes
+        per_step = self.world * train.grad_accum
+        if train.meta_batch % per_step:
+            raise HmamlError(f"train.meta_batch={train.meta_batch} must be divisible by "
+                             f"processes x train.grad_accum = {self.world} x {train.grad_accum}")
+        if train.episodes_per_epoch % self.world:
+            raise HmamlError(f"train.episodes_per_epoch={train.episodes_per_epoch} must be "
+                             f"divisible by the number of processes ({self.world})")
+        self.micro_batch = train.meta_batch // per_step
+        self.steps = step_sizes(train.episodes_per_epoch // self.world, self.micro_batch,
+                                train.grad_accum)
+        self.eval_pack = Path(data.eval_pack or data.train_pack)
+        self.train_manifest = read_manifest(data.train_pack)
+        self.eval_manifest = read_manifest(self.eval_pack)
+        for pack, manifest, splits in ((data.train_pack, self.train_manifest, [data.train_split]),
+                                       (self.eval_pack, self.eval_manifest,
+                                        [data.val_split, data.test_split])):
+            for split in splits:
+                if split not in manifest["splits"]:
+                    raise HmamlError(f"{pack}/{MANIFEST_NAME}: no split {split!r} (it has "
+                                     f"{', '.join(manifest['splits'])})")
+        image = self.train_manifest["image"]
+        torch.manual_seed(cfg.seed)
+        encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"])
+        self.method: Method = build_method(cfg.method, encoder, data.n_way)
+        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=train.lr,
+                                          weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(train.lr_milestones), gamma=train.lr_gamma)
+        self.epoch, self.resume_step = 0, 0
+        self.best_val, self.best_epoch = -1.0, -1
+        self.history: list[dict[str, Any]] = []
+        self.tracker = make_tracker(cfg, self.main)
+        self._maybe_resume()
+        self.model, self.optimizer = accelerator.prepare(self.method, self.optimizer)
+        self.train_data = train_loader(
+            data.train_pack, data.train_split, n_way=data.n_way, n_shot=data.n_shot,
+            n_query=data.n_query, tasks_per_batch=self.micro_batch,
+            episodes=train.episodes_per_epoch // self.world, seed=cfg.seed,
+            rank=accelerator.process_index, world_size=self.world, epoch=self.epoch,
+            workers=data.workers, augment=data.augment, buffer_mb=data.buffer_mb,
+            image_size=image["size"])
+        self.val_data = self._eval_loader(data.val_split, cfg.eval.val_episodes, data.n_query)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _eval_loader(self, split: str, episodes: int, n_query: int, seed_offset: int = 0
+                     ) -> EvalLoader:
+        cfg = self.cfg
+        return eval_loader(self.eval_pack, split, n_way=cfg.data.n_way, n_shot=cfg.data.n_shot,
+                           n_query=n_query, n_episodes=episodes, seed=cfg.eval.seed + seed_offset,
+                           rank=self.acc.process_index, world_size=self.world,
+                           tasks_per_batch=cfg.eval.tasks_per_batch,
+                           image_size=self.train_manifest["image"]["size"])
+
+    def _maybe_resume(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            return
+        state = load_checkpoint(path, fingerprint(self.cfg))
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        self.epoch = int(state["stream"]["epoch"])
+        self.resume_step = int(state["stream"]["step"])
+        self.best_val, self.best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
+        history = self.run_dir / HISTORY
+        if history.is_file():
+            rows = [json.loads(line) for line in history.read_text().splitlines() if line]
+            self.history = [row for row in rows if row["epoch"] < self.epoch]
+
+    def _save(self, epoch: int, step: int) -> None:
+        """Checkpoint: the next thing to run is ``step`` of ``epoch``."""
+        self.acc.wait_for_everyone()
+        if self.main:
+            save_checkpoint(self.run_dir / CHECKPOINT, {
+                "model": self.acc.unwrap_model(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng(),
+                "stream": {"epoch": epoch, "step": step},
+                "epoch": epoch,
+                "best_val_acc": self.best_val,
+                "best_epoch": self.best_epoch,
+                "config_yaml": to_yaml(self.cfg),
+                "fingerprint": fingerprint(self.cfg),
+            })
+
+    def _progress(self, status: str) -> None:
+        if self.main:
+            _write_json(self.run_dir / PROGRESS, {
+                "epoch": self.epoch, "epochs": self.cfg.train.epochs, "status": status,
+                "best_val_acc": self.best_val if self.best_epoch >= 0 else None})
+
+    # ------------------------------------------------------------------ the loop
+    def run_epoch(self, epoch: int, start_step: int) -> dict[str, float] | None:
+        """Train one epoch from ``start_step``; None when a stop was requested."""
+        method = self.acc.unwrap_model(self.model)
+        method.set_epoch(epoch)
+        self.train_data.dataset.set_epoch(epoch)
+        totals = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0}
+        batches: Iterator[TaskBatch] = iter(self.train_data)
+        bar = tqdm(total=len(self.steps), initial=start_step, disable=not self.main
+                   or not self.cfg.train.progress, desc=f"epoch {epoch + 1}/"
+                   f"{self.cfg.train.epochs}", leave=False, dynamic_ncols=True)
+        for step, sizes in enumerate(self.steps):
+            micro = [next(batches) for _ in sizes]
+            if step < start_step:  # replaying a stopped epoch: the stream is deterministic
+                continue
+            micro = [b.to(self.acc.device, non_blocking=True) for b in micro]
+            metrics = optimizer_step(self.acc, self.model, self.optimizer, micro,
+                                     self.cfg.train.max_grad_norm)
+            for key, value in metrics.items():
+                totals[key] += value
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss'] / metrics['tasks']:.3f}",
+                            acc=f"{metrics['acc'] / metrics['tasks']:.3f}")
+            if self.stop() and step + 1 < len(self.steps):
+                bar.close()
+                self._save(epoch, step + 1)
+                return None
+        bar.close()
+        reduced = self.acc.reduce(torch.tensor(list(totals.values()), dtype=torch.float64,
+                                               device=self.acc.device), reduction="sum")
+        totals = dict(zip(totals, reduced.tolist(), strict=True))
+        n = max(totals.pop("tasks"), 1.0)
+        return {f"train_{k}": v / n for k, v in totals.items()} | {"p": method_p(method)}
+
+    def fit(self) -> str:
+        """Train until the configured epochs are done or a stop arrives; 'finished'/'preempted'."""
+        cfg = self.cfg
+        while self.epoch < cfg.train.epochs:
+            epoch, start = self.epoch, self.resume_step
+            lr = self.optimizer.param_groups[0]["lr"]
+            metrics = self.run_epoch(epoch, start)
+            if metrics is None:
+                self._progress("preempted")
+                return "preempted"
+            self.scheduler.step()
+            metrics["lr"] = lr
+            if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
+                val = evaluate(self.model, self.val_data, self.acc)
+                metrics["val_acc"] = val.mean
+                metrics["val_ci95"] = val.ci95
+                if val.mean > self.best_val:
+                    self.best_val, self.best_epoch = val.mean, epoch
+                    self._save_best(epoch)
+                    self.tracker.set_tags({"milestone.best_epoch": epoch + 1})
+            self.epoch, self.resume_step = epoch + 1, 0
+            self._record(epoch, metrics)
+            self._save(self.epoch, 0)
+            self._progress("running")
+            if self.stop() and self.epoch < cfg.train.epochs:
+                self._progress("preempted")
+                return "preempted"
+        return "finished"
+
+    def _save_best(self, epoch: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.main:
+            model = self.acc.unwrap_model(self.model)
+            save_checkpoint(self.run_dir / BEST, {
+                "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "rng": {},
+                "stream": {"epoch": epoch + 1, "step": 0}, "epoch": epoch + 1,
+                "best_val_acc": self.best_val, "best_epoch": epoch,
+                "config_yaml": to_yaml(self.cfg), "fingerprint": fingerprint(self.cfg)})
+
+    def _record(self, epoch: int, metrics: dict[str, float]) -> None:
+        row = {"epoch": epoch + 1, **metrics}
+        self.history.append(row)
+        if self.main:
+            with open(self.run_dir / HISTORY, "w") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in self.history)
+            self.tracker.log_metrics(metrics, step=epoch + 1)
+            self.tracker.set_tags(milestones(self.cfg, epoch))
+            if self.cfg.train.progress:
+                val = f"  val {metrics['val_acc']:.2f}%" if "val_acc" in metrics else ""
+                tqdm.write(f"epoch {epoch + 1:4d}/{self.cfg.train.epochs}  loss "
+                           f"{metrics['train_loss']:.4f}  acc {100 * metrics['train_acc']:.2f}%"
+                           f"{val}  p {metrics['p']:.2f}  lr {metrics['lr']:.2e}")
+
+    def test(self, episodes: int | None = None, seed_offset: int = 0) -> EvalResult:
+        """Test the best checkpoint (validated, hence what is reported) on the fixed episodes."""
+        cfg = self.cfg
+        best = self.run_dir / BEST
+        method = self.acc.unwrap_model(self.model)
+        if best.is_file():
+            state = load_checkpoint(best, fingerprint(cfg))
+            method.load_state_dict(state["model"])
+            method.set_epoch(int(state["best_epoch"]))
+        loader = self._eval_loader(cfg.data.test_split, episodes or cfg.eval.test_episodes,
+                                   cfg.data.test_query, seed_offset)
+        return evaluate(self.model, loader, self.acc)
+
+
+def method_p(method: Method) -> float:
+    """The MAML weight of the warm-up switch (0 for methods without one)."""
+    return float(getattr(method, "p", 0.0))
+
+
+def milestones(cfg: Config, epoch: int) -> dict[str, int]:
+    """Milestone tags reached at the end of ``epoch`` (0-based): warm-up/switch end, LR drops."""
+    done = epoch + 1
+    tags: dict[str, int] = {}
+    method = cfg.method
+    if cfg.method.name == "hypermaml" and method.switch:
+        if done == method.warmup_start:
+            tags["milestone.warmup_end"] = done
+        if done == method.warmup_start + method.warmup_len:
+            tags["milestone.switch_end"] = done
+    for i, milestone in enumerate(cfg.train.lr_milestones):
+        if done == milestone:
+            tags[f"milestone.lr_drop_{i + 1}"] = done
+    return tags
+
+
+def _header(trainer: Trainer) -> str:
+    cfg, acc = trainer.cfg, trainer.acc
+    tm, em = trainer.train_manifest, trainer.eval_manifest
+    count = lambda m, s: len(m["splits"][s]["classes"])  # noqa: E731
+    lines = [
+        f"hmaml · {cfg.name}: {cfg.method.name} + {cfg.model.encoder}, {cfg.data.n_way}-way "
+        f"{cfg.data.n_shot}-shot",
+        f"  processes {acc.num_processes} on {acc.device} ({acc.distributed_type}), "
+        f"mixed precision {cfg.train.mixed_precision}, host {socket.gethostname()}",
+        f"  data: {tm['dataset']} {cfg.data.train_split} {count(tm, cfg.data.train_split)} "
+        f"classes -> {em['dataset']} {cfg.data.val_split} {count(em, cfg.data.val_split)} / "
+        f"{cfg.data.test_split} {count(em, cfg.data.test_split)} classes",
+        f"  budget: {cfg.train.epochs} epochs x {cfg.train.episodes_per_epoch} episodes, "
+        f"{cfg.train.meta_batch} tasks per step ({trainer.micro_batch} per micro-batch), "
+        f"{len(trainer.steps)} steps per epoch",
+        f"  run dir: {trainer.run_dir}",
+    ]
+    if trainer.epoch or trainer.resume_step:
+        lines.append(f"  resuming at epoch {trainer.epoch + 1}, step {trainer.resume_step}")
+    return "\n".join(lines)
+
+
+def train(cfg: Config, *, parent_run_id: str | None = None,
+          stop_requested: Callable[[], bool] | None = None,
+          tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train, validate and test one config; resumes from ``cfg.run_dir`` when it holds a run.
+
+    Returns the test summary (``status`` 'finished'), or ``status`` 'preempted' after a stop
+    request (SIGTERM or ``stop_requested()``) with a checkpoint written.
+    """
+    run_dir = Path(cfg.run_dir)
+    done = run_dir / TEST
+    if done.is_file():  # finished: return its result, if this config could have made it
+        load_checkpoint(run_dir / CHECKPOINT, fingerprint(cfg))
+        return json.loads(done.read_text())
+    start = time.perf_counter()
+    accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    with StopFlag(stop_requested) as stop:
+        trainer = Trainer(cfg, accelerator, stop)
+        if accelerator.is_main_process:
+            tqdm.write(_header(trainer))
+        run_tags = {"world_size": accelerator.num_processes,
+                    "train_pack.manifest_sha256": _file_sha256(
+                        Path(cfg.data.train_pack) / MANIFEST_NAME),
+                    "eval_pack.manifest_sha256": _file_sha256(trainer.eval_pack / MANIFEST_NAME),
+                    **(tags or {})}
+        run_id = trainer.tracker.start(cfg, run_dir, run_tags, parent_run_id=parent_run_id)
+        try:
+            status = trainer.fit()
+            if status == "preempted":
+                trainer.tracker.end("KILLED")
+                return {"status": "preempted", "epoch": trainer.epoch, "run_dir": str(run_dir),
+                        "mlflow_run_id": run_id}
+            result = trainer.test()
+        except BaseException:
+            trainer.tracker.end("FAILED")
+            raise
+    wall = time.perf_counter() - start
+    summary = {"status": "finished", "test_acc": result.mean, "test_ci": result.ci95,
+               "test_episodes": int(result.accuracies.size),
+               "best_val_acc": trainer.best_val, "best_epoch": trainer.best_epoch + 1,
+               "epoch": trainer.epoch, "wall_s": wall, "run_dir": str(run_dir),
+               "mlflow_run_id": run_id, "weight_update_norm": result.weight_update_norm,
+               "bias_update_norm": result.bias_update_norm}
+    if accelerator.is_main_process:
+        _finish(trainer, result, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _finish(trainer: Trainer, result: EvalResult, summary: dict[str, Any]) -> None:
+    """Write the test files and plot, log them, print the closing summary."""
+    run_dir, tracker = trainer.run_dir, trainer.tracker
+    _write_json(run_dir / "test_accuracies.json",
+                {"accuracies": [round(float(a), 6) for a in result.accuracies]})
+    curve = plot_learning_curve(trainer.history, run_dir / "learning_curve.png") \
+        if trainer.history else None
+    tracker.log_metrics({"test_acc": result.mean, "test_ci95": result.ci95}, step=trainer.epoch)
+    _write_json(run_dir / TEST, summary)
+    for name in ("config.yaml", TEST, "test_accuracies.json", HISTORY):
+        tracker.log_artifact(run_dir / name)
+    if curve is not None:
+        tracker.log_artifact(curve)
+    if trainer.cfg.tracking.log_checkpoint and (run_dir / BEST).is_file():
+        tracker.log_artifact(run_dir / BEST, "checkpoints")
+    tracker.end("FINISHED")
+    _write_json(run_dir / PROGRESS, {"epoch": trainer.epoch, "epochs": trainer.cfg.train.epochs,
+                                     "status": "finished", "best_val_acc": trainer.best_val})
+    tqdm.write(
+        f"test: {result.mean:.2f} ± {result.ci95:.2f} % over {result.accuracies.size} episodes "
+        f"(best epoch {summary['best_epoch']}, val {trainer.best_val:.2f} %)\n"
+        f"  wall time {summary['wall_s'] / 60:.1f} min · run {run_dir} · checkpoint "
+        f"{run_dir / BEST} · MLflow run {summary['mlflow_run_id'] or 'off'}"
+        f"{' in ' + str(tracker.uri) if getattr(tracker, 'uri', None) else ''}")
+
+
+__all__ = ["Trainer", "make_accelerator", "optimizer_step", "step_sizes", "train"]

@@ -1,0 +1,158 @@
+"""MLflow tracking against a temporary SQLite store: what is logged reads back, resume continues
+the same run, a dead server costs one warning and no exception, and the learning-curve plot."""
+
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from hmaml.config import flatten, load_config
+from hmaml.train.tracking import (
+    RUN_ID_FILE,
+    NullTracker,
+    Tracker,
+    lr_drops,
+    make_tracker,
+    phase_spans,
+    plot_learning_curve,
+)
+
+
+@contextmanager
+def no_tracking_warning() -> Iterator[None]:
+    """Fail if the tracker gave up (other libraries' warnings are left alone)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ours = [str(w.message) for w in caught if "off for the rest" in str(w.message)]
+    assert not ours
+
+
+HISTORY = [{"epoch": e, "train_loss": 1.6 - 0.1 * e, "train_acc": 0.2 + 0.05 * e,
+            "val_acc": 0.2 + 0.04 * e, "p": p, "lr": lr}
+           for e, (p, lr) in enumerate([(1.0, 1e-2), (1.0, 1e-2), (0.75, 3e-3), (0.5, 3e-3),
+                                        (0.25, 3e-3), (0.0, 9e-4), (0.0, 9e-4)])]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SQLite store for the module: creating its schema takes seconds."""
+    return tmp_path_factory.mktemp("mlflow") / "mlruns.db"
+
+
+def test_logged_run_reads_back_and_resume_continues_it(store: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{store}"
+    long_pack = "shards/" + "x" * 7000
+    cfg = load_config("quickstart", [f"tracking.uri={uri}", f"data.train_pack={long_pack}"])
+    run_dir = tmp_path / "run"
+    tracker = Tracker()
+    with no_tracking_warning():
+        run_id = tracker.start(cfg, run_dir, tags={"world_size": 2, "pack.train": "abc123"})
+        tracker.log_metrics({"train/loss": 1.5, "val/acc": 0.4}, step=0)
+        tracker.log_metrics({"train/loss": 1.2, "val/acc": 0.5}, step=1)
+        tracker.set_tags({"milestone.warmup_end": 2})
+        artifact = tmp_path / "curve.png"
+        plot_learning_curve(HISTORY, artifact)
+        tracker.log_artifact(artifact, "plots")
+        tracker.end("FINISHED")
+    assert run_id and (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    expected = flatten(cfg)
+    expected["data.train_pack"] = long_pack[:6000]
+    assert run.data.params == expected
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
+        (0, 1.5), (1, 1.2)]
+    tags = run.data.tags
+    assert (tags["world_size"], tags["pack.train"], tags["milestone.warmup_end"]) == (
+        "2", "abc123", "2")
+    assert tags["host"] == socket.gethostname() and tags["mlflow.runName"] == "quickstart"
+    assert [f.path for f in client.list_artifacts(run_id, "plots")] == ["plots/curve.png"]
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith(store.parent.as_uri())  # beside the store, not cwd
+    assert client.get_experiment(run.info.experiment_id).name == "quickstart"
+
+    # resuming the training run reopens the same MLflow run; a changed param is reported
+    resumed = load_config("quickstart", [f"tracking.uri={uri}", f"data.train_pack={long_pack}",
+                                         "train.epochs=40"])
+    again = Tracker()
+    assert again.start(resumed, run_dir) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    again.log_metrics({"train/loss": 1.0}, step=2)
+    again.end("KILLED")
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.params["train.epochs"] == "20"
+    assert run.data.tags["resume.changed_params"] == "train.epochs: 20 -> 40"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2]
+
+    # a sweep child in another run_dir is a new run under its parent
+    child = Tracker()
+    child_id = child.start(cfg, tmp_path / "child", parent_run_id=run_id)
+    child.end()
+    assert child_id != run_id
+    assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == run_id
+
+
+def test_failures_warn_once_and_never_raise(store: Path, tmp_path: Path, monkeypatch) -> None:
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = load_config("quickstart", [f"tracking.uri=http://127.0.0.1:{port}"])
+    tracker = Tracker()
+    began = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=f"127.0.0.1:{port}.*off for the rest"):
+        assert tracker.start(cfg, tmp_path / "run") is None
+    with no_tracking_warning():
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.set_tags({"a": 1})
+        tracker.log_artifact(tmp_path)
+        tracker.end("FAILED")
+    assert time.monotonic() - began < 10 and not tracker.active
+
+    # a call that raises mid-run turns tracking off after one warning
+    cfg = load_config("quickstart", [f"tracking.uri=sqlite:///{store}"])
+    tracker = Tracker()
+    tracker.start(cfg, tmp_path / "run2")
+    assert tracker.active
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracker._client, "log_batch", broken)
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        tracker.log_metrics({"loss": 1.0}, step=0)
+    with no_tracking_warning():
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.end()
+
+
+def test_null_tracker_for_other_ranks_and_disabled_tracking() -> None:
+    cfg = load_config("quickstart")
+    assert isinstance(make_tracker(cfg, is_main_process=True), Tracker)
+    assert isinstance(make_tracker(cfg, is_main_process=False), NullTracker)
+    off = load_config("quickstart", ["tracking.enabled=false"])
+    null = make_tracker(off, is_main_process=True)
+    assert isinstance(null, NullTracker) and null.start(off, "unused") is None
+    public = {n for n in dir(Tracker) if not n.startswith("_")}
+    assert public <= {n for n in dir(NullTracker) if not n.startswith("_")}
+
+
+def test_learning_curve_phases_lr_drops_and_png(tmp_path: Path) -> None:
+    assert phase_spans(HISTORY) == [(0.0, 2.0, "warm-up"), (2.0, 5.0, "switch")]
+    assert lr_drops(HISTORY) == [2.0, 5.0]
+    assert phase_spans([{"epoch": 0, "val_acc": 0.3}]) == [] == lr_drops([{"epoch": 0}])
+    out = plot_learning_curve(HISTORY, tmp_path / "plots" / "curve.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    with pytest.raises(ValueError, match="empty"):
+        plot_learning_curve([], tmp_path / "empty.png")

@@ -1,0 +1,175 @@
+"""The training system: same update on k processes, exact resume, preemption, refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmaml.errors import HmamlError
+from hmaml.train.checkpoint import load_checkpoint
+from hmaml.train.loop import milestones, step_sizes, train
+from tests.train_fixtures import (
+    ROOT,
+    run,
+    single_thread_env,
+    tiny_config,
+    tiny_pack,
+    train_command,
+)
+
+__all__ = ["tiny_pack"]  # the fixture, re-exported for pytest
+
+
+def test_step_sizes_take_the_remainder_instead_of_dropping_it() -> None:
+    assert step_sizes(100, 32, 1) == [[32], [32], [32], [4]]
+    assert step_sizes(50, 8, 2) == [[8, 8], [8, 8], [8, 8], [2]]
+    assert step_sizes(16, 4, 4) == [[4, 4, 4, 4]]
+
+
+@pytest.mark.parametrize(("method", "accum"), [("hypermaml", 1), ("hypermaml", 2), ("maml", 1)])
+def test_two_processes_make_the_same_update_as_one(tmp_path: Path, method: str,
+                                                   accum: int) -> None:
+    script = ROOT / "tests" / "ddp_step.py"
+    env = {**single_thread_env(), "PYTHONPATH": str(ROOT)}
+    single, double = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, str(script), str(single), method, str(accum)], env=env,
+                   check=True, capture_output=True, timeout=300)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                           str(double), method, str(accum)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = torch.load(single), torch.load(double)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    from hmaml.config import Config
+    from hmaml.methods import build_method
+    from hmaml.models import build_encoder
+
+    cfg = Config()
+    cfg.method.name, cfg.method.hn_width = method, 32
+    torch.manual_seed(0)
+    start = build_method(cfg.method, build_encoder("conv4", 1, 16), 4).state_dict()
+    moved = any(not torch.allclose(start[k], one[k]) for k in one)
+    assert moved  # the steps really changed the parameters
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoint.pt", None)["model"]
+
+
+def _wait_for(path: Path, predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file():
+            try:
+                if predicate(json.loads(path.read_text())):
+                    return
+            except json.JSONDecodeError:
+                pass
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never satisfied the condition")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    proc = run(train_command(tiny_pack, run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_a_run_leaves_its_results(uninterrupted: Path) -> None:
+    result = json.loads((uninterrupted / "test.json").read_text())
+    assert result["status"] == "finished" and result["test_episodes"] == 8
+    assert 0 <= result["test_acc"] <= 100 and result["test_ci"] >= 0
+    accuracies = json.loads((uninterrupted / "test_accuracies.json").read_text())["accuracies"]
+    assert len(accuracies) == 8
+    history = [json.loads(line) for line in (uninterrupted / "history.jsonl").read_text()
+               .splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["p"] for row in history] == [1.0, 1.0, 0.0]  # W=1, S=1
+    assert [row["lr"] for row in history] == pytest.approx([1e-2, 1e-2, 3e-3])
+    assert (uninterrupted / "learning_curve.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_where_an_uninterrupted_run_ends(
+        tiny_pack: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(tiny_pack, run_dir), env=single_thread_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(run_dir / "progress.json", lambda p: p["epoch"] >= 1, proc)
+    time.sleep(0.5)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "test.json").exists()
+    resumed = run(train_command(tiny_pack, run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at epoch" in resumed.stdout + resumed.stderr
+    expected, found = _final_params(uninterrupted), _final_params(run_dir)
+    for key in expected:
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert json.loads((run_dir / "test.json").read_text())["test_acc"] == pytest.approx(
+        json.loads((uninterrupted / "test.json").read_text())["test_acc"])
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_mid_epoch_exits_0_and_resumes_exactly(
+        tiny_pack: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "preempted"
+    cmd = train_command(tiny_pack, run_dir, **{"train.meta_batch": 2})
+    reference_dir = tmp_path / "reference"
+    reference = run(train_command(tiny_pack, reference_dir, **{"train.meta_batch": 2}))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(run_dir / "progress.json", lambda p: p["epoch"] >= 1, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at epoch" in out
+    stream = load_checkpoint(run_dir / "checkpoint.pt", None)["stream"]
+    assert stream["step"] > 0  # stopped inside an epoch, not at its end
+    assert json.loads((run_dir / "progress.json").read_text())["status"] == "preempted"
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, found = _final_params(reference_dir), _final_params(run_dir)
+    for key in expected:
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_checkpoint_of_another_config_is_refused(tiny_pack: Path, uninterrupted: Path) -> None:
+    cfg = tiny_config(tiny_pack, uninterrupted, **{"method.hn_width": 64})
+    with pytest.raises(HmamlError, match=r"incompatible config.*method\.hn_width: 32 -> 64"):
+        train(cfg)
+
+
+def test_bad_configs_get_one_line_errors(tiny_pack: Path, tmp_path: Path) -> None:
+    proc = run(train_command(tiny_pack, tmp_path / "r", **{"train.epochz": 3}))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "train.epochz" in proc.stderr
+    proc = run(train_command(tmp_path / "nowhere", tmp_path / "r"))
+    assert proc.returncode == 2 and "manifest" in proc.stderr
+    proc = run(train_command(tiny_pack, tmp_path / "r", **{"train.meta_batch": 3,
+                                                             "train.grad_accum": 2}))
+    assert proc.returncode == 2 and "grad_accum" in proc.stderr
+
+
+def test_milestone_tags() -> None:
+    from hmaml.config import load_config
+
+    cfg = load_config("omni_emnist1")
+    assert milestones(cfg, 49) == {"milestone.warmup_end": 50}
+    assert milestones(cfg, 50) == {"milestone.lr_drop_1": 51}
+    assert milestones(cfg, 549) == {"milestone.switch_end": 550, "milestone.lr_drop_2": 550}
