@@ -34,8 +34,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (allocations, kernel selection)
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int,
+           warmup: Callable[[], object] | None = None) -> float:
+    (warmup or fn)()  # allocations, kernel selection
     _sync(device)
     best = float("inf")
     for _ in range(repeats):
@@ -63,17 +64,17 @@ def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: i
     amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
            else torch.autocast(device.type, enabled=False))
 
-    def run(method: Method | None) -> None:
+    def run(method: Method | None, count: int = len(batches)) -> None:
         with torch.no_grad(), amp:
-            for batch in batches:
+            for batch in batches[:count]:
                 if method is None:
                     encoder(torch.cat([batch.support_x, batch.query_x], 1), split=5)
                 else:
                     method(batch)
 
-    times = {"encoder_only": _timed(lambda: run(None), device, repeats)}
+    times = {"encoder_only": _timed(lambda: run(None), device, repeats, lambda: run(None, 1))}
     for name, method in methods.items():
-        times[name] = _timed(lambda m=method: run(m), device, repeats)
+        times[name] = _timed(lambda m=method: run(m), device, repeats, lambda m=method: run(m, 1))
     return times
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--meta-batch", type=int, default=50, help="tasks per adaptation batch")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="best of this many timings")
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast")
     args = parser.parse_args(argv)

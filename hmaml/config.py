@@ -194,7 +194,7 @@ def flatten(cfg: Config) -> dict[str, str]:
             if isinstance(value, dict):
                 walk(f"{dotted}.", value)
             else:
-                out[dotted] = _scalar_text(value)
+                out[dotted] = override_text(value)
 
     walk("", to_dict(cfg))
     return out
@@ -227,12 +227,15 @@ def fingerprint_diff(expected: str, found: str) -> list[str]:
 Layer = tuple[str, dict[str, Any]]
 
 
-def _scalar_text(value: Any) -> str:
+def override_text(value: Any) -> str:
+    """A value as ``key=value`` override text that reads back as the same value."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | dict):
         return json.dumps(value)
     return str(value)
 

@@ -173,3 +173,16 @@ def test_milestone_tags() -> None:
     assert milestones(cfg, 49) == {"milestone.warmup_end": 50}
     assert milestones(cfg, 50) == {"milestone.lr_drop_1": 51}
     assert milestones(cfg, 549) == {"milestone.switch_end": 550, "milestone.lr_drop_2": 550}
+
+
+def test_evaluate_reproduces_the_test_and_summarises_seeds(uninterrupted: Path) -> None:
+    proc = run([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--run",
+                str(uninterrupted), "--seeds", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((uninterrupted / "evaluate.json").read_text())
+    test = json.loads((uninterrupted / "test.json").read_text())
+    assert summary["per_seed"][0]["acc"] == pytest.approx(test["test_acc"])  # same episodes
+    means = [row["acc"] for row in summary["per_seed"]]
+    assert summary["mean"] == pytest.approx(sum(means) / 2)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["std"] == pytest.approx(
+        abs(means[0] - means[1]) / 2)

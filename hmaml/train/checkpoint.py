@@ -154,3 +154,15 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, Any], path: str | Path
+                     ) -> None:
+    """Load weights, turning a layout mismatch (e.g. a checkpoint of another hmaml version)
+    into a one-line error naming the checkpoint and the first keys at fault."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise HmamlError(f"checkpoint {path} does not fit this model: "
+                         f"{detail.split(':', 1)[-1].strip()[:300]}") from None

@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,7 +39,13 @@ from hmaml.evaluate import EvalResult, evaluate
 from hmaml.methods import Method, build_method
 from hmaml.models import build_encoder
 from hmaml.tasks import TaskBatch
-from hmaml.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from hmaml.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    load_model_state,
+    restore_rng,
+    save_checkpoint,
+)
 from hmaml.train.tracking import make_tracker, plot_learning_curve
 
 CHECKPOINT, BEST, TEST, PROGRESS, HISTORY = ("checkpoint.pt", "best.pt", "test.json",
@@ -206,9 +213,12 @@ class Trainer:
         if not path.is_file():
             return
         state = load_checkpoint(path, fingerprint(self.cfg))
-        self.method.load_state_dict(state["model"])
+        load_model_state(self.method, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule is the config's, even when it changed since the checkpoint was written
+        self.scheduler.milestones = Counter(self.cfg.train.lr_milestones)
+        self.scheduler.gamma = self.cfg.train.lr_gamma
         restore_rng(state["rng"])
         self.epoch = int(state["stream"]["epoch"])
         self.resume_step = int(state["stream"]["step"])
@@ -234,6 +244,14 @@ class Trainer:
                 "config_yaml": to_yaml(self.cfg),
                 "fingerprint": fingerprint(self.cfg),
             })
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: all ranks must stop at the same step, or the
+        others would wait forever in the next all-reduce (SLURM signals may reach one rank)."""
+        if self.world == 1:
+            return self.stop()
+        flag = torch.tensor([float(self.stop())], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 
     def _progress(self, status: str) -> None:
         if self.main:
@@ -264,7 +282,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss'] / metrics['tasks']:.3f}",
                             acc=f"{metrics['acc'] / metrics['tasks']:.3f}")
-            if self.stop() and step + 1 < len(self.steps):
+            if self.stop_agreed() and step + 1 < len(self.steps):
                 bar.close()
                 self._save(epoch, step + 1)
                 return None
@@ -299,7 +317,7 @@ class Trainer:
             self._record(epoch, metrics)
             self._save(self.epoch, 0)
             self._progress("running")
-            if self.stop() and self.epoch < cfg.train.epochs:
+            if self.stop_agreed() and self.epoch < cfg.train.epochs:
                 self._progress("preempted")
                 return "preempted"
         return "finished"
@@ -335,7 +353,7 @@ class Trainer:
         method = self.acc.unwrap_model(self.model)
         if best.is_file():
             state = load_checkpoint(best, fingerprint(cfg))
-            method.load_state_dict(state["model"])
+            load_model_state(method, state["model"], best)
             method.set_epoch(int(state["best_epoch"]))
         loader = self._eval_loader(cfg.data.test_split, episodes or cfg.eval.test_episodes,
                                    cfg.data.test_query, seed_offset)

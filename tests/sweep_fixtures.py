@@ -1,0 +1,51 @@
+"""Sweep test helpers: a seconds-long base config and sweep files written next to it."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+# Two epochs of two steps, a 4-episode validation and test: a trial trains in ~2 s.
+TINY = {
+    "base": "quickstart",
+    "data": {"workers": 0, "n_query": 2, "test_query": 2},
+    "method": {"hn_width": 16, "warmup_start": 1, "warmup_len": 1},
+    "train": {"epochs": 2, "episodes_per_epoch": 4, "meta_batch": 2, "lr_milestones": [],
+              "progress": False},
+    "eval": {"val_episodes": 4, "test_episodes": 4, "tasks_per_batch": 4},
+}
+
+
+def write_sweep(folder: Path, body: dict[str, Any], pack: Path | None = None,
+                tracking_uri: str | None = None) -> Path:
+    """``folder/tiny.yaml`` (the base) and ``folder/sweep.yaml`` (``base: tiny`` + ``body``).
+
+    The sweep's trials land in ``folder/out``; tracking is off unless ``tracking_uri`` is given.
+    """
+    base = json.loads(json.dumps(TINY))
+    base["data"]["train_pack"] = str(pack or folder / "no_pack")
+    base["tracking"] = ({"uri": tracking_uri, "log_checkpoint": False} if tracking_uri
+                        else {"enabled": False})
+    (folder / "tiny.yaml").write_text(json.dumps(base))  # JSON is YAML
+    sweep = {"base": "tiny", "sweep_dir": str(folder / "out"), **body}
+    path = folder / "sweep.yaml"
+    path.write_text(json.dumps(sweep))
+    return path
+
+
+def fake_slurm(folder: Path) -> Path:
+    """A ``bin`` folder with ``srun`` and an ``sbatch`` that keeps the scripts it is given."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    scripts = folder / "sbatch_scripts"
+    scripts.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f'#!/bin/sh\nfor a; do last="$a"; done\ncp "$last" "{scripts}/"\n'
+                      'echo "Submitted batch job 4242"\n')
+    srun = bin_dir / "srun"
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    for exe in (sbatch, srun):
+        exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return scripts
