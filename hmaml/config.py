@@ -162,7 +162,7 @@ def load_config(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) 
 def config_from_yaml(text: str, source: str = "<yaml>",
                      overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A config from YAML text (e.g. the one stored in a checkpoint); ``base:`` is not allowed."""
-    raw = _parse_yaml(text, source)
+    raw = parse_yaml(text, source)
     if "base" in raw:
         raise HmamlError(f"{source}: 'base' is only allowed in config files")
     return _build([(source, raw), *_override_layers(overrides)])
@@ -240,13 +240,14 @@ def override_text(value: Any) -> str:
     return str(value)
 
 
-def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+def parse_yaml(text: str, source: str, kind: str = "a config") -> dict[str, Any]:
+    """YAML text -> a plain mapping, or a one-line error naming ``source``."""
     try:
         node = OmegaConf.create(text)
     except Exception as exc:
         raise HmamlError(f"{source}: not valid YAML ({_first_line(exc)})") from None
     if not isinstance(node, DictConfig):
-        raise HmamlError(f"{source}: a config must be a mapping of keys to values")
+        raise HmamlError(f"{source}: {kind} must be a mapping of keys to values")
     return OmegaConf.to_container(node, resolve=False)
 
 
@@ -259,7 +260,7 @@ def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[Layer]:
         text = path.read_text()
     except OSError as exc:
         raise HmamlError(f"{path}: cannot read ({exc.strerror})") from None
-    raw = _parse_yaml(text, str(path))
+    raw = parse_yaml(text, str(path))
     base = raw.pop("base", None)
     layers: list[Layer] = []
     if base is not None:

@@ -186,3 +186,14 @@ def test_evaluate_reproduces_the_test_and_summarises_seeds(uninterrupted: Path) 
     assert summary["mean"] == pytest.approx(sum(means) / 2)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["std"] == pytest.approx(
         abs(means[0] - means[1]) / 2)
+
+
+def test_bf16_mixed_precision_trains(tiny_pack: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "bf16"
+    proc = run(train_command(tiny_pack, run_dir, **{"train.mixed_precision": "bf16",
+                                                    "train.epochs": 1}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((run_dir / "history.jsonl").read_text().splitlines()[0])
+    assert history["train_loss"] == pytest.approx(history["train_loss"])  # finite, not NaN
+    assert 0 < history["train_loss"] < 5 and json.loads(
+        (run_dir / "test.json").read_text())["test_acc"] > 0

@@ -42,6 +42,8 @@ class TaskBatchNorm2d(nn.Module):
 
     def _scale_shift(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and shift ``[T, C]`` from ``pixels [T, P, C]`` (P pixels of one group)."""
+        if pixels.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32 under autocast
+            pixels = pixels.float()
         var, mean = torch.var_mean(pixels, dim=1, correction=0)
         scale = self.weight * torch.rsqrt(var + self.eps)
         return scale, self.bias - mean * scale

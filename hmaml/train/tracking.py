@@ -150,14 +150,7 @@ class Tracker:
               parent_run_id: str | None) -> None:
         uri = self.uri
         assert uri is not None
-        if urlparse(uri).scheme in ("http", "https"):
-            _probe(uri)
-        sqlite_db = _sqlite_path(uri)
-        if sqlite_db is not None:
-            sqlite_db.parent.mkdir(parents=True, exist_ok=True)
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client, sqlite_db = _client(uri)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / RUN_ID_FILE
         params = flatten(cfg)
@@ -214,6 +207,19 @@ class Tracker:
             warnings.warn(f"MLflow tracking at {self.uri} is off for the rest of this run "
                           f"({type(exc).__name__}: {reason}); training goes on with its local "
                           f"files", RuntimeWarning, stacklevel=3)
+
+
+def _client(uri: str) -> tuple[Any, Path | None]:
+    """An MlflowClient for ``uri`` and its SQLite file, if any: a server is probed first (fail
+    fast rather than retry for minutes), a SQLite file's folder is created."""
+    if urlparse(uri).scheme in ("http", "https"):
+        _probe(uri)
+    sqlite_db = _sqlite_path(uri)
+    if sqlite_db is not None:
+        sqlite_db.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri), sqlite_db
 
 
 def _probe(uri: str) -> None:
@@ -402,16 +408,10 @@ def open_sweep_run(uri: str, experiment: str, name: str, run_id: str | None,
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
-        if urlparse(uri).scheme in ("http", "https"):
-            _probe(uri)
-        sqlite_db = _sqlite_path(uri)
-        if sqlite_db is not None:
-            sqlite_db.parent.mkdir(parents=True, exist_ok=True)
-        from mlflow import MlflowClient
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient(tracking_uri=uri)
+        client, sqlite_db = _client(uri)
         if run_id:
             try:
                 run = client.get_run(run_id)

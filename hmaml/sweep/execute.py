@@ -1,0 +1,289 @@
+"""Submission: the unfinished trials of a sweep, in-process, as local processes or a SLURM array.
+
+Everything about a trial lives in its run directory, so a sweep can be submitted again at any time:
+finished trials (``test.json``) are skipped, the others resume from their last checkpoint.
+``<sweep_dir>/sweep.json`` keeps the trial list and the MLflow parent run, so every submission of a
+sweep reports to the same parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hmaml.config import override_text
+from hmaml.errors import HmamlError
+from hmaml.sweep.job import TrialJob
+from hmaml.sweep.report import SWEEP_JSON, TRIAL_JSON, _read_json, summarize
+from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
+
+# submitit's LocalExecutor sends the timeout signal this long before its limit (not settable
+# through AutoExecutor).
+LOCAL_SIGNAL_DELAY_S = 30
+_POLL_S = 0.5
+
+
+# --- sweep directory ------------------------------------------------------------------------
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _trial_record(trial: Trial) -> dict[str, Any]:
+    return {"name": trial.name, "run_dir": trial.cfg.run_dir, "axes": trial.axes,
+            "overrides": trial.overrides}
+
+
+def _merge_records(sweep: Sweep, old: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The trial records of ``sweep``; refuses a sweep file whose trials changed meaning."""
+    records = [_trial_record(t) for t in sweep.trials]
+    if old is None:
+        return records
+    known = {r["name"]: r for r in old.get("trials", [])}
+    for record in records:
+        before = known.pop(record["name"], None)
+        if before is not None and json.dumps(before["overrides"], sort_keys=True) != \
+                json.dumps(record["overrides"], sort_keys=True):
+            raise HmamlError(f"{sweep.path}: trial {record['name']} already ran in "
+                             f"{sweep.sweep_dir} with other overrides; give the sweep another "
+                             f"sweep_dir")
+    return records + list(known.values())
+
+
+
+def _running_elsewhere(run_dir: Path, cluster: str, folder: Path) -> bool:
+    """Whether the trial's last job is still alive (so submitting it again would run it twice)."""
+    marker = _read_json(run_dir / TRIAL_JSON)
+    if not marker or marker.get("state") != "running":
+        return False
+    if marker.get("host") == socket.gethostname() and marker.get("pid"):
+        if int(marker["pid"]) == os.getpid():
+            return False
+        try:
+            os.kill(int(marker["pid"]), 0)
+        except (OSError, ValueError):
+            return False
+        return True
+    if cluster == "slurm" and marker.get("job_id"):
+        import submitit
+
+        state = submitit.SlurmJob(folder / "%j", str(marker["job_id"])).state
+        return state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING",
+                         "SUSPENDED", "RESIZING")
+    return False
+
+
+
+# --- submission -----------------------------------------------------------------------------
+
+
+def executor_parameters(spec: ExecutorSpec, cluster: str) -> dict[str, Any]:
+    """The ``submitit.AutoExecutor.update_parameters`` keywords of a cluster."""
+    tasks = max(spec.gpus_per_node, 1)
+    if cluster == "slurm":
+        params: dict[str, Any] = {
+            "timeout_min": spec.timeout_min, "nodes": spec.nodes,
+            "gpus_per_node": spec.gpus_per_node, "tasks_per_node": tasks,
+            "cpus_per_task": spec.cpus_per_task, "mem_gb": spec.mem_gb,
+            "slurm_partition": spec.partition, "slurm_account": spec.account,
+            "slurm_qos": spec.qos, "slurm_array_parallelism": spec.array_parallelism,
+            "slurm_signal_delay_s": spec.signal_delay_s,
+            "slurm_setup": [f"export OMP_NUM_THREADS={spec.cpus_per_task}"]}
+        return {k: v for k, v in params.items() if v is not None}
+    if cluster == "local":
+        if spec.nodes != 1:
+            raise HmamlError(f"executor.nodes={spec.nodes}: the local cluster has one node")
+        return {"timeout_min": spec.timeout_min, "gpus_per_node": spec.gpus_per_node,
+                "tasks_per_node": tasks, "local_setup": ["export OMP_NUM_THREADS=1"]}
+    return {}
+
+
+def describe(sweep: Sweep, cluster: str) -> str:
+    """The trials (name and overrides) and the executor settings, as printed by --dry-run."""
+    lines = [f"sweep {sweep.name}: {len(sweep.trials)} trials of {sweep.spec.base} "
+             f"in {sweep.sweep_dir}",
+             f"MLflow: {sweep.tracking_uri} experiment {sweep.experiment}"
+             + ("" if sweep.tracking_enabled else " (tracking disabled)")]
+    for trial in sweep.trials:
+        overrides = " ".join(f"{k}={override_text(v)}" for k, v in trial.overrides.items())
+        lines.append(f"  {trial.name}: {overrides}")
+    lines.append(f"executor ({cluster}):")
+    if cluster == "debug":
+        lines.append("  in-process, one trial after another")
+    for key, value in executor_parameters(sweep.spec.executor, cluster).items():
+        lines.append(f"  {key}: {value}")
+    if cluster == "local":
+        lines.append(f"  max_local_parallel: {sweep.spec.executor.max_local_parallel}")
+    if cluster != "debug":
+        lines.append(f"  max_num_timeout: {sweep.spec.executor.max_num_timeout}")
+    if cluster == "slurm":
+        lines.append(f"  one job array of {len(sweep.trials)} trials")
+    return "\n".join(lines)
+
+
+def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = False,
+           echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Submit the unfinished trials of a sweep; returns ``{"submitted": {trial: job id}, ...}``.
+
+    ``debug`` and ``local`` wait for the trials and then write the summary; ``slurm`` returns
+    once the job array is queued (``--summarize`` later).
+    """
+    sweep = load_sweep(sweep_file)
+    cluster = cluster or sweep.spec.executor.cluster
+    if cluster not in CLUSTERS:
+        raise HmamlError(f"cluster {cluster!r} is not one of {', '.join(CLUSTERS)}")
+    if dry_run:
+        echo(describe(sweep, cluster))
+        return {"submitted": {}, "skipped": [], "dry_run": True}
+    sweep_dir = sweep.sweep_dir
+    folder = sweep_dir / "submitit"
+    old = _read_json(sweep_dir / SWEEP_JSON)
+    records = _merge_records(sweep, old)
+    parent = _parent_run(sweep, old)
+    info = {"name": sweep.name, "sweep_file": str(Path(sweep_file).resolve()),
+            "base": sweep.spec.base, "tracking_uri": sweep.tracking_uri,
+            "experiment": sweep.experiment, "parent_run_id": parent, "trials": records,
+            "submissions": (old or {}).get("submissions", [])}
+    _write_json(sweep_dir / SWEEP_JSON, info)
+
+    todo, skipped = [], []
+    for trial in sweep.trials:
+        run_dir = Path(trial.cfg.run_dir)
+        if (run_dir / "test.json").is_file() or _running_elsewhere(run_dir, cluster, folder):
+            skipped.append(trial.name)
+        else:
+            todo.append(trial)
+    echo(f"sweep {sweep.name}: {len(todo)} to run, {len(skipped)} finished or running "
+         f"({sweep_dir})")
+    if not todo:
+        if cluster != "slurm":
+            summarize(sweep_dir, echo=echo)
+        return {"submitted": {}, "skipped": skipped, "parent_run_id": parent}
+
+    delay = sweep.spec.executor.signal_delay_s if cluster == "slurm" else LOCAL_SIGNAL_DELAY_S
+    jobs = [(t, TrialJob(t.cfg, parent, _trial_tags(sweep, t), grace_s=delay / 2))
+            for t in todo]
+    if cluster == "debug":
+        submitted = _run_debug(jobs, echo)
+    elif cluster == "local":
+        submitted = _run_local(jobs, sweep.spec.executor, folder, echo)
+    else:
+        submitted = _submit_slurm(jobs, sweep.spec.executor, folder, echo)
+    info["submissions"].append({"time": time.time(), "cluster": cluster, "jobs": submitted})
+    _write_json(sweep_dir / SWEEP_JSON, info)
+    if cluster != "slurm":
+        summarize(sweep_dir, echo=echo)
+    return {"submitted": submitted, "skipped": skipped, "parent_run_id": parent}
+
+
+def _parent_run(sweep: Sweep, old: dict[str, Any] | None) -> str | None:
+    if not sweep.tracking_enabled:
+        return None
+    from hmaml.train.tracking import open_sweep_run
+
+    params: dict[str, Any] = {"sweep.base": sweep.spec.base, "sweep.trials": len(sweep.trials)}
+    for key in sweep.trials[0].axes:
+        values = list(dict.fromkeys(json.dumps(t.axes[key]) for t in sweep.trials))
+        params[f"sweep.axis.{key}"] = ", ".join(values)
+    tags = {"sweep.name": sweep.name, "sweep.dir": str(sweep.sweep_dir),
+            "sweep.file": str(sweep.path.resolve())}
+    return open_sweep_run(sweep.tracking_uri, sweep.experiment, sweep.name,
+                          (old or {}).get("parent_run_id"), params, tags)
+
+
+def _trial_tags(sweep: Sweep, trial: Trial) -> dict[str, str]:
+    tags = {"sweep.name": sweep.name, "sweep.trial": trial.name}
+    tags.update({f"sweep.axis.{k}": override_text(v) for k, v in trial.axes.items()})
+    return tags
+
+
+def _run_debug(jobs: list[tuple[Trial, TrialJob]], echo: Callable[[str], None]
+               ) -> dict[str, str]:
+    """In-process, one after another; a stop request (e.g. SIGTERM) ends the whole sweep."""
+    out: dict[str, str] = {}
+    for trial, job in jobs:
+        echo(f"[{trial.name}] start")
+        try:
+            result = job()
+        except Exception as exc:
+            out[trial.name] = "failed"
+            echo(f"[{trial.name}] failed: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        out[trial.name] = str(result.get("status"))
+        echo(f"[{trial.name}] {_result_line(result)}")
+        if result.get("status") == "preempted":
+            echo("stop requested: the remaining trials are left for the next submission")
+            break
+    return out
+
+
+def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: Path,
+               echo: Callable[[str], None]) -> dict[str, str]:
+    """submitit local processes, at most ``max_local_parallel`` at a time; waits for all."""
+    import submitit
+
+    parallel = spec.max_local_parallel
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local",
+                                     local_max_num_timeout=spec.max_num_timeout)
+    executor.update_parameters(**executor_parameters(spec, "local"))
+    queue = list(jobs)
+    running: dict[str, Any] = {}
+    out: dict[str, str] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                trial, job = queue.pop(0)
+                executor.update_parameters(name=trial.name)
+                running[trial.name] = executor.submit(job)
+                out[trial.name] = str(running[trial.name].job_id)
+                echo(f"[{trial.name}] started as local job {running[trial.name].job_id}")
+            time.sleep(_POLL_S)
+            for name, handle in list(running.items()):
+                if handle.done():
+                    del running[name]
+                    try:
+                        echo(f"[{name}] {_result_line(handle.result())}")
+                    except Exception as exc:
+                        echo(f"[{name}] failed ({_first_line(exc)}); log: {handle.paths.stderr}")
+    except KeyboardInterrupt:
+        for handle in running.values():
+            handle.cancel(check=False)
+        raise
+    return out
+
+
+def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: Path,
+                  echo: Callable[[str], None]) -> dict[str, str]:
+    """One job array of all trials; returns at once."""
+    import submitit
+
+    try:
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=spec.max_num_timeout)
+    except RuntimeError as exc:
+        raise HmamlError(f"cluster slurm: {_first_line(exc)} (use --cluster local or debug)"
+                         ) from None
+    executor.update_parameters(name=folder.parent.name, **executor_parameters(spec, "slurm"))
+    with executor.batch():
+        handles = [executor.submit(job) for _, job in jobs]
+    out = {trial.name: str(h.job_id) for (trial, _), h in zip(jobs, handles, strict=True)}
+    for name, job_id in out.items():
+        echo(f"[{name}] queued as SLURM job {job_id}")
+    return out
+
+
+def _result_line(result: dict[str, Any]) -> str:
+    if result.get("status") != "finished":
+        return f"{result.get('status')} at epoch {result.get('epoch')}"
+    return (f"finished: test {result['test_acc']:.2f} ± {result['test_ci']:.2f} %, "
+            f"best val {result['best_val_acc']:.2f} %, {result['wall_s'] / 60:.1f} min")
+

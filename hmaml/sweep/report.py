@@ -1,0 +1,219 @@
+"""What a sweep has done: trial states from run directories, the status table and the summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hmaml.config import override_text
+from hmaml.errors import HmamlError
+from hmaml.sweep.spec import _name_value
+
+SWEEP_JSON = "sweep.json"
+TRIAL_JSON = "trial.json"  # written by the job: running / preempted / failed / finished
+STATES = ("pending", "running", "preempted", "finished", "failed")
+SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png")
+
+
+# --- sweep directory ------------------------------------------------------------------------
+
+
+def read_sweep_json(sweep_dir: str | Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / SWEEP_JSON
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise HmamlError(f"{sweep_dir}: not a sweep directory (no {SWEEP_JSON})") from None
+    except json.JSONDecodeError as exc:
+        raise HmamlError(f"{path}: unreadable ({exc.msg})") from None
+
+
+
+def trial_state(run_dir: str | Path) -> dict[str, Any]:
+    """State, epoch, epochs, best val and test accuracy of one trial, from its run directory."""
+    run_dir = Path(run_dir)
+    out: dict[str, Any] = {"state": "pending", "epoch": None, "epochs": None,
+                           "best_val_acc": None, "test_acc": None, "test_ci": None,
+                           "error": None}
+    progress = _read_json(run_dir / "progress.json")
+    if progress:
+        out.update(epoch=progress.get("epoch"), epochs=progress.get("epochs"),
+                   best_val_acc=progress.get("best_val_acc"))
+        if progress.get("status") in STATES:
+            out["state"] = progress["status"]
+    marker = _read_json(run_dir / TRIAL_JSON)
+    if marker and marker.get("state") in STATES:
+        out["state"] = marker["state"]
+        out["error"] = marker.get("error")
+    test = _read_json(run_dir / "test.json")
+    if test:
+        out.update(state="finished", test_acc=test.get("test_acc"), test_ci=test.get("test_ci"),
+                   best_val_acc=test.get("best_val_acc", out["best_val_acc"]))
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+
+# --- status and summary ---------------------------------------------------------------------
+
+
+def status_table(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """The per-trial table printed by ``--status`` and its rows."""
+    info = read_sweep_json(sweep_dir)
+    rows = []
+    for record in info["trials"]:
+        state = trial_state(record["run_dir"])
+        rows.append({"trial": record["name"], **state})
+    table = [["trial", "state", "epoch", "best val", "test acc"]]
+    for row in rows:
+        epoch = f"{row['epoch']}/{row['epochs']}" if row["epochs"] else "-"
+        test = (f"{row['test_acc']:.2f} ± {row['test_ci']:.2f}"
+                if row["test_acc"] is not None else "-")
+        table.append([row["trial"], row["state"], epoch, _pct(row["best_val_acc"]), test])
+    counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
+    footer = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return f"{_text_table(table)}\n{footer}", rows
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """One row per axis point (seeds pooled) of the finished trials, and the axis keys.
+
+    With one finished seed the ± is the test's 95 % CI over its episodes; with several it is
+    1.96 · sd / sqrt(n) over the seeds' test accuracies.
+    """
+    trials = info["trials"]
+    axis_keys = [k for k in (trials[0]["axes"] if trials else {}) if k != "seed"]
+    groups: dict[str, dict[str, Any]] = {}
+    for record in trials:
+        point = {k: record["axes"][k] for k in axis_keys}
+        group = groups.setdefault(json.dumps(point, sort_keys=True),
+                                  {"point": point, "total": 0, "results": []})
+        group["total"] += 1
+        test = _read_json(Path(record["run_dir"]) / "test.json")
+        if test and test.get("test_acc") is not None:
+            group["results"].append(test)
+    rows = []
+    for group in groups.values():
+        results = group["results"]
+        row: dict[str, Any] = {**group["point"], "seeds": f"{len(results)}/{group['total']}"}
+        if results:
+            accs = [float(r["test_acc"]) for r in results]
+            mean = sum(accs) / len(accs)
+            if len(accs) > 1:
+                sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
+                ci, over = 1.96 * sd / math.sqrt(len(accs)), "seeds"
+            else:
+                ci, over = float(results[0].get("test_ci") or 0.0), "episodes"
+            row.update(test_acc=mean, ci95=ci, ci_over=over,
+                       best_val_acc=_mean([r.get("best_val_acc") for r in results]),
+                       wall_min=_mean([(r.get("wall_s") or 0.0) / 60 for r in results]))
+        else:
+            row.update(test_acc=None, ci95=None, ci_over=None, best_val_acc=None, wall_min=None)
+        rows.append(row)
+    return axis_keys, rows
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """(Re)build summary.md/.csv/.png in the sweep dir, print it, log it to the parent run."""
+    sweep_dir = Path(sweep_dir)
+    info = read_sweep_json(sweep_dir)
+    axis_keys, rows = summary_rows(info)
+    states = [trial_state(r["run_dir"])["state"] for r in info["trials"]]
+    done = sum(s == "finished" for s in states)
+    columns = [*axis_keys, "seeds", "test acc (%)", "± 95% CI", "CI over", "best val (%)",
+               "wall (min)"]
+    table = [columns] + [[*(override_text(r[k]) for k in axis_keys), r["seeds"],
+                          _num(r["test_acc"]), _num(r["ci95"]), r["ci_over"] or "-",
+                          _num(r["best_val_acc"]), _num(r["wall_min"], 1)] for r in rows]
+    head = f"sweep {info['name']}: {done} of {len(states)} trials finished"
+    echo(f"{head}\n{_text_table(table)}")
+
+    md = [f"# {head}", "", _markdown(table), "", "## Trials", ""]
+    trial_rows = [["trial", "state", "test acc (%)", "± 95% CI", "best val (%)"]]
+    for record, state in zip(info["trials"], states, strict=True):
+        test = _read_json(Path(record["run_dir"]) / "test.json") or {}
+        trial_rows.append([record["name"], state, _num(test.get("test_acc")),
+                           _num(test.get("test_ci")), _num(test.get("best_val_acc"))])
+    md.append(_markdown(trial_rows))
+    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*axis_keys, "seeds", "test_acc", "ci95", "ci_over", "best_val_acc",
+                     "wall_min"])
+    for r in rows:
+        writer.writerow([*(override_text(r[k]) for k in axis_keys), r["seeds"],
+                         *("" if r[k] is None else r[k] for k in
+                           ("test_acc", "ci95", "ci_over", "best_val_acc", "wall_min"))])
+    (sweep_dir / "summary.csv").write_text(buffer.getvalue())
+    _plot(axis_keys, rows, sweep_dir / "summary.png", info["name"])
+    paths = [sweep_dir / name for name in SUMMARY_FILES]
+    if info.get("parent_run_id"):
+        from hmaml.train.tracking import close_sweep_run
+
+        close_sweep_run(info["tracking_uri"], info["parent_run_id"], paths,
+                        finished=done == len(states))
+    return {"rows": rows, "finished": done, "trials": len(states), "files": paths}
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _markdown(table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    return "\n".join(lines)
+
+
+def _plot(axis_keys: list[str], rows: list[dict[str, Any]], out: Path, title: str) -> None:
+    """Test accuracy per axis point with its 95 % CI as error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [", ".join(_name_value(r[k]) if k == "variant" else f"{k.rsplit('.', 1)[-1]}="
+                        f"{_name_value(r[k])}" for k in axis_keys) or "all" for r in rows]
+    heights = [r["test_acc"] or 0.0 for r in rows]
+    errors = [r["ci95"] or 0.0 for r in rows]
+    fig = Figure(figsize=(max(4.0, 0.9 * len(rows) + 2), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(rows)), heights, yerr=errors, capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(rows)), labels, rotation=30 if len(rows) > 3 else 0, ha="right"
+                  if len(rows) > 3 else "center", fontsize="small")
+    ax.set_ylabel("test accuracy (%)")
+    finite = [h - e for h, e in zip(heights, errors, strict=True) if h]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(heights) + max(errors) + 5))
+    ax.set_title(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+

@@ -1,0 +1,387 @@
+"""The sweep file: its schema, loading and checks, and the expansion into resolved trials.
+
+A sweep file names a ``base`` config, ``overrides`` for every trial and the axes to vary:
+``grid`` (every combination of its value lists), ``variants`` (an explicit list of named override
+sets, for settings that depend on each other), ``random`` (``samples`` draws from a ``space``) and
+``seeds``. Trials are the product ``variants x grid x random x seeds``; each is a fully resolved
+:class:`~hmaml.config.Config` whose ``run_dir`` is ``<sweep_dir>/<trial name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hmaml.config import (
+    Config,
+    load_config,
+    override_text,
+    parse_yaml,
+    resolve_config_path,
+    validate,
+)
+from hmaml.errors import HmamlError
+
+CLUSTERS = ("slurm", "local", "debug")
+SPACE_KINDS = ("choice", "uniform", "loguniform")
+# Keys the sweep sets itself for every trial.
+RESERVED_KEYS = ("run_dir", "tracking.run_name")
+# Keys that must be equal for all trials (one parent run holds all children).
+COMMON_KEYS = ("tracking.uri", "tracking.experiment", "tracking.enabled")
+_TRIAL_NAME_CHARS = re.compile(r"[^A-Za-z0-9.+-]+")
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ExecutorSpec:
+    """Where and with what resources trials run (SLURM keys are ignored by ``local``)."""
+
+    cluster: str = "slurm"  # default of --cluster
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task (process) per GPU; 0: one CPU task
+    cpus_per_task: int = 4
+    mem_gb: float | None = None
+    timeout_min: int = 60
+    array_parallelism: int = 64  # SLURM: trials of the array running at once
+    max_local_parallel: int = 2  # local: trial processes running at once
+    signal_delay_s: int = 120  # SLURM: warning signal this long before the time limit
+    max_num_timeout: int = 10  # requeues after a timeout (preemptions do not count)
+
+
+@dataclass
+class RandomSpec:
+    samples: int = 0
+    seed: int = 0
+    space: dict[str, Any] = field(default_factory=dict)  # key -> {choice|uniform|loguniform: ..}
+
+
+@dataclass
+class VariantSpec:
+    name: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepSpec:
+    base: str = ""
+    name: str | None = None  # default: the sweep file's stem
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, Any] | None = None
+    variants: list[VariantSpec] | None = None
+    random: RandomSpec | None = None
+    seeds: list[int] | None = None  # default: the base config's seed
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    sweep_dir: str | None = None  # default: runs/sweeps/<name>
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of the sweep: its name, axis values (``seed`` last) and resolved config."""
+
+    name: str
+    axes: dict[str, Any]
+    overrides: dict[str, Any]
+    cfg: Config
+
+
+@dataclass
+class Sweep:
+    """A loaded sweep file: its spec, where it lives and its expanded trials."""
+
+    path: Path
+    spec: SweepSpec
+    name: str
+    sweep_dir: Path
+    tracking_uri: str
+    experiment: str
+    tracking_enabled: bool
+    trials: list[Trial]
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file and expand its trials (each config validated)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise HmamlError(f"{path}: cannot read sweep file ({exc.strerror})") from None
+    raw = parse_yaml(text, str(path), "a sweep file")
+    _check_sweep_keys(raw, path)
+    try:
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), raw))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise HmamlError(f"{path}: {key}: {_first_line(exc)}") from None
+    assert isinstance(spec, SweepSpec)
+    _check_spec(spec, path)
+    return _expand(spec, path)
+
+
+def _check_sweep_keys(raw: dict[str, Any], path: Path) -> None:
+    def check(node: Any, schema: type, where: str) -> None:
+        if node is None:
+            return
+        if not isinstance(node, dict):
+            raise HmamlError(f"{path}: '{where}' must be a mapping, got {node!r}")
+        names = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in names:
+                at = f"in '{where}'" if where else "at the top level"
+                dotted = f"{where}.{key}" if where else key
+                raise HmamlError(f"{path}: unknown key '{dotted}'; valid keys {at}: "
+                                 f"{', '.join(names)}")
+
+    check(raw, SweepSpec, "")
+    check(raw.get("executor"), ExecutorSpec, "executor")
+    check(raw.get("random"), RandomSpec, "random")
+    variants = raw.get("variants")
+    if isinstance(variants, list):
+        for i, variant in enumerate(variants):
+            check(variant, VariantSpec, f"variants[{i}]")
+
+
+def _check_spec(spec: SweepSpec, path: Path) -> None:
+    def fail(why: str) -> None:
+        raise HmamlError(f"{path}: {why}")
+
+    if not spec.base.strip():
+        fail("'base' must name a config (name in configs/ or a path)")
+    if spec.name is not None and not _TRIAL_NAME_CHARS.sub("", spec.name):
+        fail(f"name={spec.name!r} must contain letters or digits")
+    if spec.grid is not None:
+        if not spec.grid:
+            fail("grid is empty (give it 'key: [values]' entries or remove it)")
+        for key, values in spec.grid.items():
+            if not isinstance(values, list):
+                fail(f"grid.{key} must be a list of values, got {values!r}")
+            if not values:
+                fail(f"grid.{key} is empty")
+    if spec.variants is not None:
+        if not spec.variants:
+            fail("variants is empty (give it entries or remove it)")
+        seen: set[str] = set()
+        for i, variant in enumerate(spec.variants):
+            if not variant.name or _TRIAL_NAME_CHARS.search(variant.name):
+                fail(f"variants[{i}].name={variant.name!r} must be a non-empty name of letters, "
+                     f"digits, '.', '+' and '-'")
+            if variant.name in seen:
+                fail(f"variants[{i}].name={variant.name!r} is used twice")
+            seen.add(variant.name)
+    if spec.random is not None:
+        _check_random(spec.random, fail)
+    if spec.seeds is not None:
+        if not spec.seeds:
+            fail("seeds is empty (give it seeds or remove it)")
+        if len(set(spec.seeds)) != len(spec.seeds):
+            fail(f"seeds={spec.seeds} repeats a seed")
+    _check_executor(spec.executor, fail)
+
+
+def _check_random(rnd: RandomSpec, fail: Callable[[str], None]) -> None:
+    if rnd.samples < 1:
+        fail(f"random.samples={rnd.samples} must be >= 1")
+    if not rnd.space:
+        fail("random.space is empty")
+    for key, dist in rnd.space.items():
+        where = f"random.space.{key}"
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SPACE_KINDS:
+            fail(f"{where} must be one of {{choice: [..]}}, {{uniform: [a, b]}}, "
+                 f"{{loguniform: [a, b]}}, got {dist!r}")
+        kind, arg = next(iter(dist.items()))
+        if kind == "choice":
+            if not isinstance(arg, list) or not arg:
+                fail(f"{where}.choice is empty" if arg == [] else
+                     f"{where}.choice must be a list of values, got {arg!r}")
+            continue
+        if (not isinstance(arg, list) or len(arg) != 2
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in arg)
+                or not arg[0] < arg[1]):
+            fail(f"{where}.{kind} must be [low, high] numbers with low < high, got {arg!r}")
+        if kind == "loguniform" and arg[0] <= 0:
+            fail(f"{where}.loguniform needs low > 0, got {arg!r}")
+
+
+def _check_executor(ex: ExecutorSpec, fail: Callable[[str], None]) -> None:
+    if ex.cluster not in CLUSTERS:
+        fail(f"executor.cluster={ex.cluster!r} is not one of {', '.join(CLUSTERS)}")
+    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1),
+                     ("timeout_min", 1), ("array_parallelism", 1), ("max_local_parallel", 1),
+                     ("signal_delay_s", 1), ("max_num_timeout", 0)):
+        value = getattr(ex, key)
+        if value < low:
+            fail(f"executor.{key}={value} must be >= {low}")
+    if ex.mem_gb is not None and not ex.mem_gb > 0:
+        fail(f"executor.mem_gb={ex.mem_gb} must be > 0")
+
+
+def _flat(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{train: {lr: 1}}`` and ``{train.lr: 1}`` alike become ``{"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _expand(spec: SweepSpec, path: Path) -> Sweep:
+    name = spec.name or path.stem
+    try:
+        base_path = resolve_config_path(spec.base, near=path.parent)
+    except HmamlError as exc:
+        raise HmamlError(f"{path}: base: {exc}") from None
+    common = _flat(spec.overrides)
+    variants = spec.variants or [None]
+    grid = _flat(spec.grid or {})
+    grid_points = [dict(zip(grid, combo, strict=True))
+                   for combo in itertools.product(*grid.values())] or [{}]
+    random_points = _random_points(spec.random) if spec.random else [{}]
+    random_keys = list(spec.random.space) if spec.random else []
+    axis_sources = {"grid": list(grid), "random": random_keys}
+    if spec.variants:
+        axis_sources["variants"] = sorted({k for v in spec.variants for k in _flat(v.overrides)})
+    _check_axis_keys(axis_sources, common, path)
+
+    base_cfg = _resolve(base_path, common, f"{path}: overrides")
+    seeds = spec.seeds if spec.seeds is not None else [base_cfg.seed]
+    from hmaml.train.tracking import tracking_uri
+
+    uri = tracking_uri(base_cfg)
+    experiment = base_cfg.tracking.experiment or name
+    sweep_dir = _absolute(spec.sweep_dir or f"runs/sweeps/{name}")
+    short = _short_names([*grid, *random_keys])
+
+    trials: list[Trial] = []
+    for variant in variants:
+        for point in grid_points:
+            for r_index, r_point in enumerate(random_points):
+                for seed in seeds:
+                    axes: dict[str, Any] = {}
+                    parts: list[str] = []
+                    overrides = dict(common)
+                    if variant is not None:
+                        axes["variant"] = variant.name
+                        parts.append(variant.name)
+                        overrides.update(_flat(variant.overrides))
+                    for key, value in point.items():
+                        axes[key] = value
+                        parts.append(f"{short[key]}={_name_value(value)}")
+                    if r_point:
+                        parts.append(f"r{r_index:02d}")
+                    for key, value in r_point.items():
+                        axes[key] = value
+                        parts.append(f"{short[key]}={_name_value(value)}")
+                    overrides.update(point)
+                    overrides.update(r_point)
+                    axes["seed"] = seed
+                    parts.append(f"seed={seed}")
+                    overrides["seed"] = seed
+                    trial_name = "_".join(parts)
+                    where = f"{path}: trial {trial_name}"
+                    fixed = {"run_dir": str(sweep_dir / trial_name),
+                             "tracking.run_name": trial_name, "tracking.uri": uri,
+                             "tracking.experiment": experiment}
+                    cfg = _resolve(base_path, {**overrides, **fixed}, where)
+                    trials.append(Trial(trial_name, axes, overrides, cfg))
+    names = [t.name for t in trials]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise HmamlError(f"{path}: several trials get the name {duplicates[0]!r} "
+                         f"(axis values that print alike); make the values distinct")
+    return Sweep(path=path, spec=spec, name=name, sweep_dir=sweep_dir, tracking_uri=uri,
+                 experiment=experiment, tracking_enabled=base_cfg.tracking.enabled,
+                 trials=trials)
+
+
+def _check_axis_keys(sources: dict[str, list[str]], common: dict[str, Any], path: Path) -> None:
+    for key in common:
+        if key in RESERVED_KEYS:
+            raise HmamlError(f"{path}: overrides.{key} is set by the sweep for every trial")
+    owner: dict[str, str] = {}
+    for source, keys in sources.items():
+        for key in keys:
+            if key in RESERVED_KEYS:
+                raise HmamlError(f"{path}: {source} may not vary '{key}' (the sweep sets it)")
+            if key == "seed":
+                raise HmamlError(f"{path}: {source} may not vary 'seed'; use 'seeds: [..]'")
+            if key in COMMON_KEYS:
+                raise HmamlError(f"{path}: {source} may not vary '{key}' (all trials report to "
+                                 f"one parent run); set it in 'overrides'")
+            if key in owner and owner[key] != source:
+                raise HmamlError(f"{path}: '{key}' is varied by both {owner[key]} and {source}")
+            owner[key] = source
+
+
+def _random_points(rnd: RandomSpec) -> list[dict[str, Any]]:
+    rng = random.Random(rnd.seed)
+    points = []
+    for _ in range(rnd.samples):
+        point: dict[str, Any] = {}
+        for key, dist in rnd.space.items():
+            kind, arg = next(iter(dist.items()))
+            if kind == "choice":
+                point[key] = arg[rng.randrange(len(arg))]
+            elif kind == "uniform":
+                point[key] = float(f"{rng.uniform(arg[0], arg[1]):.6g}")
+            else:
+                log = rng.uniform(math.log(arg[0]), math.log(arg[1]))
+                point[key] = float(f"{math.exp(log):.6g}")
+        points.append(point)
+    return points
+
+
+def _resolve(base_path: Path, overrides: dict[str, Any], where: str) -> Config:
+    items = [f"{key}={override_text(value)}" for key, value in overrides.items()]
+    try:
+        return validate(load_config(str(base_path), items))
+    except HmamlError as exc:
+        raise HmamlError(f"{where}: {exc}") from None
+
+
+def _short_names(keys: Sequence[str]) -> dict[str, str]:
+    """The last part of each dotted key, or the whole key where two keys share that part."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def _name_value(value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float):
+        text = f"{value:.3g}"
+    elif isinstance(value, list):
+        text = "-".join(_name_value(v) for v in value) or "none"
+    else:
+        text = str(value)
+    return _TRIAL_NAME_CHARS.sub("-", text).strip("-") or "none"
+
+
+def _absolute(path: str) -> Path:
+    given = Path(path).expanduser()
+    return given if given.is_absolute() else Path.cwd() / given
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
