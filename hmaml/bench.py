@@ -34,22 +34,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int,
-           warmup: Callable[[], object] | None = None) -> float:
-    (warmup or fn)()  # allocations, kernel selection
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: int,
                 autocast: torch.dtype | None) -> dict[str, float]:
-    """Seconds to classify ``episodes`` tasks with each method (best of ``repeats``)."""
+    """Seconds to classify ``episodes`` tasks with each method.
+
+    The methods take turns batch by batch (and the best of ``repeats`` rounds counts), so a
+    change in the machine's load during the run affects every method alike and the ratios hold.
+    """
     torch.manual_seed(0)
     batches = [random_batch(meta_batch, 5, 1, 15, device) for _ in range(episodes // meta_batch)]
     encoder = build_encoder("conv4", 1, 28)
@@ -61,45 +52,59 @@ def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: i
     }
     for method in methods.values():
         method.to(device).eval()
+    runners: dict[str, Callable[[TaskBatch], object]] = {
+        "encoder_only": lambda b: encoder(torch.cat([b.support_x, b.query_x], 1),
+                                          split=b.support_x.shape[1]),
+        **{name: (lambda b, m=method: m(b)) for name, method in methods.items()},
+    }
     amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
            else torch.autocast(device.type, enabled=False))
-
-    def run(method: Method | None, count: int = len(batches)) -> None:
-        with torch.no_grad(), amp:
-            for batch in batches[:count]:
-                if method is None:
-                    encoder(torch.cat([batch.support_x, batch.query_x], 1), split=5)
-                else:
-                    method(batch)
-
-    times = {"encoder_only": _timed(lambda: run(None), device, repeats, lambda: run(None, 1))}
-    for name, method in methods.items():
-        times[name] = _timed(lambda m=method: run(m), device, repeats, lambda m=method: run(m, 1))
-    return times
+    best = dict.fromkeys(runners, float("inf"))
+    with torch.no_grad(), amp:
+        for run in runners.values():  # warm-up: allocations, kernel selection
+            run(batches[0])
+        for _ in range(repeats):
+            totals = dict.fromkeys(runners, 0.0)
+            for batch in batches:
+                for name, run in runners.items():
+                    _sync(device)
+                    start = time.perf_counter()
+                    run(batch)
+                    _sync(device)
+                    totals[name] += time.perf_counter() - start
+            best = {name: min(best[name], totals[name]) for name in runners}
+    return best
 
 
 def train_throughput(device: torch.device, meta_batch: int, steps: int) -> dict[str, float]:
-    """HyperMAML training episodes/s: one vectorised step vs a Python loop over the tasks."""
+    """HyperMAML training episodes/s: one vectorised step vs a Python loop over the tasks
+    (the two alternate step by step, so both see the same machine load)."""
     torch.manual_seed(0)
     method = HyperMAML(build_encoder("conv4", 1, 28), 5, switch=False).to(device)
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
     batch = random_batch(meta_batch, 5, 1, 15, device)
 
     def batched() -> None:
-        for _ in range(steps):
-            optimizer.zero_grad()
-            method(batch).loss.backward()
-            optimizer.step()
+        optimizer.zero_grad()
+        method(batch).loss.backward()
+        optimizer.step()
 
     def one_by_one() -> None:
-        for _ in range(steps):
-            optimizer.zero_grad()
-            for t in range(meta_batch):
-                (method(batch.select(slice(t, t + 1))).loss / meta_batch).backward()
-            optimizer.step()
+        optimizer.zero_grad()
+        for t in range(meta_batch):
+            (method(batch.select(slice(t, t + 1))).loss / meta_batch).backward()
+        optimizer.step()
 
-    return {"train_batched_eps": meta_batch * steps / _timed(batched, device, 1),
-            "train_loop_eps": meta_batch * steps / _timed(one_by_one, device, 1)}
+    batched()  # warm-up
+    seconds = {"train_batched_eps": 0.0, "train_loop_eps": 0.0}
+    for _ in range(steps):
+        for key, step in (("train_batched_eps", batched), ("train_loop_eps", one_by_one)):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            seconds[key] += time.perf_counter() - start
+    return {key: meta_batch * steps / value for key, value in seconds.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--meta-batch", type=int, default=50, help="tasks per adaptation batch")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many timings")
-    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=3, help="training steps timed")
     parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

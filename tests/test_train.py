@@ -197,3 +197,27 @@ def test_bf16_mixed_precision_trains(tiny_pack: Path, tmp_path: Path) -> None:
     assert history["train_loss"] == pytest.approx(history["train_loss"])  # finite, not NaN
     assert 0 < history["train_loss"] < 5 and json.loads(
         (run_dir / "test.json").read_text())["test_acc"] > 0
+
+
+@pytest.mark.slow
+def test_a_stop_signalled_to_one_rank_stops_every_rank(tiny_pack: Path, tmp_path: Path) -> None:
+    """SLURM may signal one rank only: the ranks agree to stop at the same step, checkpoint and
+    exit 0, instead of one rank leaving the other waiting in its next all-reduce."""
+    import psutil
+
+    run_dir = tmp_path / "two"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2",
+           *train_command(tiny_pack, run_dir, **{"train.epochs": 6})[1:]]
+    proc = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(run_dir / "progress.json", lambda p: p["epoch"] >= 1, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "RANK=1" in " ".join(f"{k}={v}" for k, v in p.environ().items() if k == "RANK")]
+    assert len(ranks) == 1
+    ranks[0].send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    progress = json.loads((run_dir / "progress.json").read_text())
+    assert progress["status"] == "preempted" and progress["epoch"] < 6
+    assert not (run_dir / "test.json").exists()

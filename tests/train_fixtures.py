@@ -28,6 +28,7 @@ def tiny_overrides(pack: Path, run_dir: Path, **extra: object) -> list[str]:
     values: dict[str, object] = {
         "data.train_pack": pack, "run_dir": run_dir, "data.workers": 0,
         "train.epochs": 3, "train.episodes_per_epoch": 8, "train.meta_batch": 4,
+        "train.grad_accum": 1,
         "train.lr_milestones": "[2]", "method.warmup_start": 1, "method.warmup_len": 1,
         "method.hn_width": 32, "eval.val_episodes": 4, "eval.test_episodes": 8,
         "eval.tasks_per_batch": 4, "tracking.enabled": False, "train.progress": False,
