@@ -12,8 +12,8 @@ TINY = {
     "base": "quickstart",
     "data": {"workers": 0, "n_query": 2, "test_query": 2},
     "method": {"hn_width": 16, "warmup_start": 1, "warmup_len": 1},
-    "train": {"epochs": 2, "episodes_per_epoch": 4, "meta_batch": 2, "lr_milestones": [],
-              "progress": False},
+    "train": {"epochs": 2, "episodes_per_epoch": 4, "meta_batch": 2, "grad_accum": 1,
+              "lr_milestones": [], "progress": False},
     "eval": {"val_episodes": 4, "test_episodes": 4, "tasks_per_batch": 4},
 }
 

@@ -63,8 +63,9 @@ def test_variants_carry_settings_that_depend_on_each_other() -> None:
     cpu = load_sweep(SWEEPS / "ablation_omni_emnist1_cpu.yaml")
     cpu_rows = {t.axes["variant"]: t.cfg for t in cpu.trials}
     assert {n: (c.train.lr, c.train.lr_milestones, c.train.epochs) for n, c in cpu_rows.items()} \
-        == {"noswitch-noenh": (1e-4, [], 160), "noswitch-enh": (1e-4, [], 160),
-            "switch-noenh": (1e-2, [5, 43], 160), "switch-enh": (1e-2, [5, 43], 160)}
+        == {"noswitch-noenh": (1e-4, [], 40), "noswitch-enh": (1e-4, [], 40),
+            "switch-noenh": (1e-2, [2, 11], 40), "switch-enh": (1e-2, [2, 11], 40)}
+    assert {(c.method.warmup_start, c.method.warmup_len) for c in cpu_rows.values()} == {(1, 10)}
     assert (cpu.spec.executor.cluster, cpu.spec.executor.max_local_parallel) == ("local", 2)
 
     grid = load_sweep(SWEEPS / "lr_width.yaml")
