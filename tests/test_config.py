@@ -93,7 +93,10 @@ def test_cpu_budget_config_scales_the_schedule() -> None:
     for cfg in (full, cpu):
         w, s = cfg.method.warmup_start, cfg.method.warmup_len
         assert cfg.train.lr_milestones == [w + 1, w + s]
-    assert (cpu.data, cpu.model) == (full.data, full.model)
+    # the same tasks and model; only how batches are built is tuned for 2 cores
+    assert (dataclasses.replace(cpu.data, workers=full.data.workers), cpu.model) == \
+        (full.data, full.model)
+    assert (cpu.data.workers, cpu.train.meta_batch // cpu.train.grad_accum) == (0, 4)
 
 
 def _write(folder: Path, name: str, text: str) -> Path:
