@@ -1,5 +1,14 @@
 """The one exception type that command-line tools turn into a one-line message."""
 
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec
+
+P = ParamSpec("P")
+
 
 class HmamlError(Exception):
     """Bad input a user can fix: the message names the file, key or value at fault.
@@ -7,3 +16,18 @@ class HmamlError(Exception):
     The launch scripts catch it, print ``error: <message>`` on one line and exit with status 2,
     so a user never has to read a traceback to learn what to change.
     """
+
+
+def one_line_errors(main: Callable[P, int | None]) -> Callable[P, int]:
+    """Wrap a command's ``main``: a :class:`HmamlError` becomes ``error: <message>`` on stderr
+    and exit status 2; otherwise the status is what ``main`` returned (None: 0)."""
+
+    @functools.wraps(main)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except HmamlError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapped

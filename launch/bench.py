@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from hmaml.errors import one_line_errors
 
+
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = ("adapt", "loader")
@@ -18,4 +21,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 
-from hmaml.errors import HmamlError
+from hmaml.errors import one_line_errors
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,13 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="test episodes per seed (default: the run's eval.test_episodes)")
     parser.add_argument("--seeds", type=int, default=1, help="number of episode lists")
     args = parser.parse_args(argv)
-    try:
-        from hmaml.evaluate import evaluate_run
+    from hmaml.evaluate import evaluate_run
 
-        summary = evaluate_run(args.run, args.episodes, args.seeds)
-    except HmamlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = evaluate_run(args.run, args.episodes, args.seeds)
     for row in summary["per_seed"]:
         print(f"seed {row['seed']}: {row['acc']:.2f} ± {row['ci95']:.2f} % "
               f"({row['episodes']} episodes)")

@@ -14,7 +14,7 @@ import sys
 from hmaml.data.download import REGISTRY, download
 from hmaml.data.pack import DEFAULT_SHARD_BYTES, pack_dataset, verify_pack
 from hmaml.data.sources import DATASETS
-from hmaml.errors import HmamlError
+from hmaml.errors import HmamlError, one_line_errors
 
 _HELP = {
     "folder": "a folder of class folders (your own data)",
@@ -96,36 +96,33 @@ _GENERIC = {"command", "src", "out", "force", "workers", "shard_mb", "min_images
             "quiet"}
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "verify":
-            manifest = verify_pack(args.pack_dir, args.split, full=args.full)
-            shards = sum(len(s["shards"]) for s in manifest["splits"].values())
-            print(f"{args.pack_dir}: {shards} shards OK ({'sha256' if args.full else 'sizes'})")
-        elif args.command == "download":
-            expect = dict(item.split("=", 1) for item in args.expect if "=" in item)
-            if len(expect) != len(args.expect):
-                raise HmamlError(f"--expect {args.expect!r}: use FILE=ALGO:HEX")
-            for path in download(args.name, args.to, base_url=args.base_url, checksums=expect,
-                                 extract=False if args.no_extract else None,
-                                 progress=not args.quiet):
-                print(path)
-        else:
-            options = {k: v for k, v in vars(args).items() if k not in _GENERIC}
-            manifest = pack_dataset(args.command, getattr(args, "src", None), args.out,
-                                    force=args.force, workers=args.workers,
-                                    shard_bytes=max(1, round(args.shard_mb * 2**20)),
-                                    min_images=args.min_images, drop_small=args.drop_small,
-                                    progress=not args.quiet, **options)
-            for split, info in manifest["splits"].items():
-                images = sum(c["count"] for c in info["classes"])
-                size = sum(s["bytes"] for s in info["shards"]) / 2**20
-                print(f"{args.out}: {split}: {len(info['classes'])} classes, {images} images, "
-                      f"{len(info['shards'])} shards, {size:.1f} MiB")
-    except HmamlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "verify":
+        manifest = verify_pack(args.pack_dir, args.split, full=args.full)
+        shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+        print(f"{args.pack_dir}: {shards} shards OK ({'sha256' if args.full else 'sizes'})")
+    elif args.command == "download":
+        expect = dict(item.split("=", 1) for item in args.expect if "=" in item)
+        if len(expect) != len(args.expect):
+            raise HmamlError(f"--expect {args.expect!r}: use FILE=ALGO:HEX")
+        for path in download(args.name, args.to, base_url=args.base_url, checksums=expect,
+                             extract=False if args.no_extract else None,
+                             progress=not args.quiet):
+            print(path)
+    else:
+        options = {k: v for k, v in vars(args).items() if k not in _GENERIC}
+        manifest = pack_dataset(args.command, getattr(args, "src", None), args.out,
+                                force=args.force, workers=args.workers,
+                                shard_bytes=max(1, round(args.shard_mb * 2**20)),
+                                min_images=args.min_images, drop_small=args.drop_small,
+                                progress=not args.quiet, **options)
+        for split, info in manifest["splits"].items():
+            images = sum(c["count"] for c in info["classes"])
+            size = sum(s["bytes"] for s in info["shards"]) / 2**20
+            print(f"{args.out}: {split}: {len(info['classes'])} classes, {images} images, "
+                  f"{len(info['shards'])} shards, {size:.1f} MiB")
     return 0
 
 

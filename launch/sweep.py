@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hmaml.errors import HmamlError
+from hmaml.errors import one_line_errors
 from hmaml.sweep import CLUSTERS, status_table, submit, summarize
 
 
@@ -34,20 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.sweep:
-            submit(args.sweep, cluster=args.cluster, dry_run=args.dry_run)
-        elif args.status:
-            table, _ = status_table(args.status)
-            print(table)
-            summarize(args.status)
-        else:
-            summarize(args.summarize)
-    except HmamlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.sweep:
+        submit(args.sweep, cluster=args.cluster, dry_run=args.dry_run)
+    elif args.status:
+        table, _ = status_table(args.status)
+        print(table)
+        summarize(args.status)
+    else:
+        summarize(args.summarize)
     return 0
 
 

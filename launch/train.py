@@ -10,9 +10,10 @@ import argparse
 import sys
 
 from hmaml.config import load_config
-from hmaml.errors import HmamlError
+from hmaml.errors import one_line_errors
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,14 +21,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a config name in configs/ (e.g. cub5) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from hmaml.train.loop import train
+    cfg = load_config(args.config, args.overrides)
+    from hmaml.train.loop import train
 
-        result = train(cfg)
-    except HmamlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = train(cfg)
     if result["status"] == "preempted":
         print(f"stopped at epoch {result['epoch']}; checkpoint in {result['run_dir']} "
               "(re-run the same command to resume)")
