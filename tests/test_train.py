@@ -221,3 +221,10 @@ def test_a_stop_signalled_to_one_rank_stops_every_rank(tiny_pack: Path, tmp_path
     progress = json.loads((run_dir / "progress.json").read_text())
     assert progress["status"] == "preempted" and progress["epoch"] < 6
     assert not (run_dir / "test.json").exists()
+
+
+def test_accuracies_are_reported_in_percent(uninterrupted: Path) -> None:
+    rows = [json.loads(line) for line in (uninterrupted / "history.jsonl").read_text()
+            .splitlines()]
+    assert all(0 <= row["train_acc"] <= 100 for row in rows)
+    assert any(row["train_acc"] > 1 for row in rows)  # not a fraction: chance is 20 %

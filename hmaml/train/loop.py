@@ -291,7 +291,9 @@ class Trainer:
                                                device=self.acc.device), reduction="sum")
         totals = dict(zip(totals, reduced.tolist(), strict=True))
         n = max(totals.pop("tasks"), 1.0)
-        return {f"train_{k}": v / n for k, v in totals.items()} | {"p": method_p(method)}
+        metrics = {f"train_{k}": v / n for k, v in totals.items()}
+        metrics["train_acc"] *= 100.0  # percent, like every accuracy the run reports
+        return metrics | {"p": method_p(method)}
 
     def fit(self) -> str:
         """Train until the configured epochs are done or a stop arrives; 'finished'/'preempted'."""
@@ -343,7 +345,7 @@ class Trainer:
             if self.cfg.train.progress:
                 val = f"  val {metrics['val_acc']:.2f}%" if "val_acc" in metrics else ""
                 tqdm.write(f"epoch {epoch + 1:4d}/{self.cfg.train.epochs}  loss "
-                           f"{metrics['train_loss']:.4f}  acc {100 * metrics['train_acc']:.2f}%"
+                           f"{metrics['train_loss']:.4f}  acc {metrics['train_acc']:.2f}%"
                            f"{val}  p {metrics['p']:.2f}  lr {metrics['lr']:.2e}")
 
     def test(self, episodes: int | None = None, seed_offset: int = 0) -> EvalResult:

@@ -377,7 +377,7 @@ def plot_learning_curve(history: Sequence[Mapping[str, Any]], out_png: str | Pat
             lines += axis.plot(xs, ys, color=style, label=label, lw=1.5)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
-    acc_ax.set_ylabel("accuracy")
+    acc_ax.set_ylabel("accuracy (%)")
     from matplotlib.patches import Patch
 
     labels = {"warm-up": "MAML warm-up", "switch": "MAML -> hypernetwork switch"}
