@@ -18,6 +18,7 @@ from typing import Any
 
 from hmaml.config import override_text
 from hmaml.errors import HmamlError
+from hmaml.files import write_json_atomic
 from hmaml.sweep.job import TrialJob
 from hmaml.sweep.report import SWEEP_JSON, TRIAL_JSON, _read_json, summarize
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
@@ -29,13 +30,6 @@ _POLL_S = 0.5
 
 
 # --- sweep directory ------------------------------------------------------------------------
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _trial_record(trial: Trial) -> dict[str, Any]:
@@ -153,7 +147,7 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
             "base": sweep.spec.base, "tracking_uri": sweep.tracking_uri,
             "experiment": sweep.experiment, "parent_run_id": parent, "trials": records,
             "submissions": (old or {}).get("submissions", [])}
-    _write_json(sweep_dir / SWEEP_JSON, info)
+    write_json_atomic(sweep_dir / SWEEP_JSON, info)
 
     todo, skipped = [], []
     for trial in sweep.trials:
@@ -179,7 +173,7 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     else:
         submitted = _submit_slurm(jobs, sweep.spec.executor, folder, echo)
     info["submissions"].append({"time": time.time(), "cluster": cluster, "jobs": submitted})
-    _write_json(sweep_dir / SWEEP_JSON, info)
+    write_json_atomic(sweep_dir / SWEEP_JSON, info)
     if cluster != "slurm":
         summarize(sweep_dir, echo=echo)
     return {"submitted": submitted, "skipped": skipped, "parent_run_id": parent}

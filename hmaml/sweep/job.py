@@ -13,7 +13,6 @@ exit); the requeued trial then resumes from the checkpoint of its last finished 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hmaml.config import Config
+from hmaml.files import write_json_atomic
 from hmaml.sweep.report import TRIAL_JSON
 from hmaml.sweep.spec import _first_line
 
@@ -50,10 +50,7 @@ def write_trial_state(run_dir: Path, state: str, error: str | None = None) -> No
     payload = {"state": state, "host": socket.gethostname(), "pid": os.getpid(),
                "job_id": env.job_id if env is not None else None, "time": time.time(),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "error": error}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{TRIAL_JSON}.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, run_dir / TRIAL_JSON)
+    write_json_atomic(run_dir / TRIAL_JSON, payload)
 
 
 class TrialJob:

@@ -36,6 +36,7 @@ from hmaml.data.episodes import EvalLoader, eval_loader, train_loader
 from hmaml.data.format import MANIFEST_NAME, read_manifest
 from hmaml.errors import HmamlError
 from hmaml.evaluate import EvalResult, evaluate
+from hmaml.files import write_json_atomic
 from hmaml.methods import Method, build_method
 from hmaml.models import build_encoder
 from hmaml.tasks import TaskBatch
@@ -138,12 +139,6 @@ class StopFlag:
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -255,7 +250,7 @@ class Trainer:
 
     def _progress(self, status: str) -> None:
         if self.main:
-            _write_json(self.run_dir / PROGRESS, {
+            write_json_atomic(self.run_dir / PROGRESS, {
                 "epoch": self.epoch, "epochs": self.cfg.train.epochs, "status": status,
                 "best_val_acc": self.best_val if self.best_epoch >= 0 else None})
 
@@ -460,12 +455,12 @@ def train(cfg: Config, *, parent_run_id: str | None = None,
 def _finish(trainer: Trainer, result: EvalResult, summary: dict[str, Any]) -> None:
     """Write the test files and plot, log them, print the closing summary."""
     run_dir, tracker = trainer.run_dir, trainer.tracker
-    _write_json(run_dir / "test_accuracies.json",
+    write_json_atomic(run_dir / "test_accuracies.json",
                 {"accuracies": [round(float(a), 6) for a in result.accuracies]})
     curve = plot_learning_curve(trainer.history, run_dir / "learning_curve.png") \
         if trainer.history else None
     tracker.log_metrics({"test_acc": result.mean, "test_ci95": result.ci95}, step=trainer.epoch)
-    _write_json(run_dir / TEST, summary)
+    write_json_atomic(run_dir / TEST, summary)
     for name in ("config.yaml", TEST, "test_accuracies.json", HISTORY):
         tracker.log_artifact(run_dir / name)
     if curve is not None:
@@ -473,8 +468,9 @@ def _finish(trainer: Trainer, result: EvalResult, summary: dict[str, Any]) -> No
     if trainer.cfg.tracking.log_checkpoint and (run_dir / BEST).is_file():
         tracker.log_artifact(run_dir / BEST, "checkpoints")
     tracker.end("FINISHED")
-    _write_json(run_dir / PROGRESS, {"epoch": trainer.epoch, "epochs": trainer.cfg.train.epochs,
-                                     "status": "finished", "best_val_acc": trainer.best_val})
+    write_json_atomic(run_dir / PROGRESS, {
+        "epoch": trainer.epoch, "epochs": trainer.cfg.train.epochs, "status": "finished",
+        "best_val_acc": trainer.best_val})
     tqdm.write(
         f"test: {result.mean:.2f} ± {result.ci95:.2f} % over {result.accuracies.size} episodes "
         f"(best epoch {summary['best_epoch']}, val {trainer.best_val:.2f} %)\n"

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from hmaml.config import Config, flatten
+from hmaml.files import write_text_atomic
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -174,9 +175,7 @@ class Tracker:
                 start_tags["mlflow.parentRunId"] = parent_run_id
             run = client.create_run(experiment_id, tags=start_tags,
                                     run_name=cfg.tracking.run_name or cfg.name)
-            tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
-            tmp.write_text(run.info.run_id + "\n")
-            os.replace(tmp, id_file)
+            write_text_atomic(id_file, run.info.run_id + "\n")
         self._client, self.run_id = client, run.info.run_id
         from mlflow.entities import Param
 
