@@ -108,7 +108,7 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None, seeds: int = 
     from hmaml.data.format import read_manifest
     from hmaml.methods import build_method
     from hmaml.models import build_encoder
-    from hmaml.train.checkpoint import load_checkpoint, load_model_state
+    from hmaml.train.checkpoint import restore_best
 
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
@@ -118,13 +118,11 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None, seeds: int = 
     best = run_dir / "best.pt"
     if not best.is_file():
         raise HmamlError(f"{run_dir}: no best.pt yet (the run has not validated an epoch)")
-    state = load_checkpoint(best, fingerprint(cfg))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     image = read_manifest(cfg.data.train_pack)["image"]
     method = build_method(cfg.method, build_encoder(cfg.model.encoder, image["channels"],
                                                     image["size"]), cfg.data.n_way)
-    load_model_state(method, state["model"], best)
-    method.set_epoch(int(state["best_epoch"]))
+    best_epoch = restore_best(method, best, fingerprint(cfg))
     method = accelerator.prepare(method)
     eval_pack = cfg.data.eval_pack or cfg.data.train_pack
     per_seed = []
@@ -138,7 +136,7 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None, seeds: int = 
         result = evaluate(method, loader, accelerator)
         per_seed.append({"seed": cfg.eval.seed + seed, **result.as_dict()})
     means = np.array([r["acc"] for r in per_seed])
-    summary = {"run_dir": str(run_dir), "best_epoch": int(state["best_epoch"]) + 1,
+    summary = {"run_dir": str(run_dir), "best_epoch": best_epoch + 1,
                "per_seed": per_seed, "mean": float(means.mean()),
                "std": float(means.std()) if seeds > 1 else 0.0}
     if accelerator.is_main_process:

@@ -166,3 +166,13 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, Any], path: s
         detail = " ".join(str(exc).split())
         raise HmamlError(f"checkpoint {path} does not fit this model: "
                          f"{detail.split(':', 1)[-1].strip()[:300]}") from None
+
+
+def restore_best(method: torch.nn.Module, path: str | Path, expected_fingerprint: str) -> int:
+    """Load a best-epoch checkpoint into ``method`` and put it in that epoch's state (the
+    warm-up weight p it was validated with); returns the 0-based best epoch."""
+    state = load_checkpoint(path, expected_fingerprint)
+    load_model_state(method, state["model"], path)
+    best_epoch = int(state["best_epoch"])
+    method.set_epoch(best_epoch)
+    return best_epoch

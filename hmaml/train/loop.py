@@ -44,6 +44,7 @@ from hmaml.train.checkpoint import (
     capture_rng,
     load_checkpoint,
     load_model_state,
+    restore_best,
     restore_rng,
     save_checkpoint,
 )
@@ -349,9 +350,7 @@ class Trainer:
         best = self.run_dir / BEST
         method = self.acc.unwrap_model(self.model)
         if best.is_file():
-            state = load_checkpoint(best, fingerprint(cfg))
-            load_model_state(method, state["model"], best)
-            method.set_epoch(int(state["best_epoch"]))
+            restore_best(method, best, fingerprint(cfg))
         loader = self._eval_loader(cfg.data.test_split, episodes or cfg.eval.test_episodes,
                                    cfg.data.test_query, seed_offset)
         return evaluate(self.model, loader, self.acc)
