@@ -58,7 +58,7 @@ def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator, autocast
     (MAML's inner gradients come from closed forms or ``torch.func``, which ignore ``no_grad``).
     """
     device = accelerator.device
-    indices, accs, w_norms, b_norms = [], [], [], []
+    rows = [torch.empty(0, 4, dtype=torch.float64, device=device)]  # a rank may have none
     method.eval()
     with torch.no_grad():
         for batch in batches:
@@ -66,21 +66,19 @@ def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator, autocast
             with autocast() if autocast is not None else torch.autocast(device.type,
                                                                          enabled=False):
                 out = method(tasks)
-            indices.append(batch.indices.to(device))
-            accs.append(out.accuracy(tasks.query_y).float())
-            if out.weight_update_norm is not None:
-                w_norms.append(out.weight_update_norm.float())
-                b_norms.append(out.bias_update_norm.float())
+            no_norm = torch.full((tasks.num_tasks,), math.nan, device=device)
+            rows.append(torch.stack([
+                batch.indices.to(device).double(), out.accuracy(tasks.query_y).double(),
+                (no_norm if out.weight_update_norm is None else out.weight_update_norm).double(),
+                (no_norm if out.bias_update_norm is None else out.bias_update_norm).double(),
+            ], dim=1))
     method.train()
-    local = torch.stack([torch.cat(indices).double(), torch.cat(accs).double()], dim=1)
-    gathered = _gather_rows(local, accelerator)
-    order = torch.argsort(gathered[:, 0])
-    accuracies = gathered[order, 1].cpu().numpy()
+    gathered = _gather_rows(torch.cat(rows), accelerator)  # one collective on every rank
+    gathered = gathered[torch.argsort(gathered[:, 0])]
+    accuracies = gathered[:, 1].cpu().numpy()
     norms: list[float | None] = [None, None]
-    if w_norms:
-        both = _gather_rows(torch.stack([torch.cat(w_norms), torch.cat(b_norms)], 1).double(),
-                            accelerator)
-        norms = [float(both[:, 0].mean()), float(both[:, 1].mean())]
+    if not torch.isnan(gathered[:, 2]).any():
+        norms = [float(gathered[:, 2].mean()), float(gathered[:, 3].mean())]
     return EvalResult.of(accuracies, *norms)
 
 

@@ -44,7 +44,7 @@ from hmaml.tasks import TaskBatch
 
 MB = 1 << 20
 MAX_OPEN_SHARDS = 16  # shards read at once while streaming (each holds one open file)
-_SAMPLE, _AUGMENT, _EVAL = 1, 2, 3  # seed-sequence tags: independent streams per purpose
+_SAMPLE, _AUGMENT, _EVAL, _STREAM = 1, 2, 3, 4  # seed-sequence tags: a stream per purpose
 
 
 def derive_seed(*keys: int) -> int:
@@ -299,11 +299,23 @@ class TaskImages:
             np.take(images, pick[:self.n_shot], axis=0, out=self.support[row])
             np.take(images, pick[self.n_shot:], axis=0, out=self.query[row])
 
-    def to_batch(self, transform: Transform, generator: torch.Generator) -> TaskBatch:
-        """Float 0..1, transformed, as a TaskBatch (label i = the i-th class of each task)."""
+    def to_batch(self, transform: Transform,
+                 generators: list[torch.Generator] | None = None) -> TaskBatch:
+        """Float 0..1, transformed, as a TaskBatch (label i = the i-th class of each task).
+
+        ``generators``: one per task, so that a task's augmentation depends on that task alone;
+        None for a transform that draws nothing (one call for the whole batch).
+        """
         x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div_(255.0)
-        x = transform(x, generator)
         t, n, k, q = self.tasks, self.n_way, self.n_shot, self.n_query
+        if generators is None:
+            x = transform(x, torch.Generator())
+        else:
+            support, query = x[:t * n * k], x[t * n * k:]
+            parts = [transform(torch.cat([support[i * n * k:(i + 1) * n * k],
+                                          query[i * n * q:(i + 1) * n * q]]), generators[i])
+                     for i in range(t)]
+            x = torch.cat([p[:n * k] for p in parts] + [p[n * k:] for p in parts])
         labels = torch.arange(n)
         return TaskBatch(support_x=x[:t * n * k].view(t, n * k, *x.shape[1:]),
                          support_y=labels.repeat_interleave(k).expand(t, -1).contiguous(),
@@ -313,11 +325,17 @@ class TaskImages:
 
 
 class EpisodeStream(IterableDataset):
-    """Training episodes of one split for one rank, as meta-batches of ``tasks_per_batch`` tasks.
+    """Training episodes of one split for one rank, as meta-batches of tasks.
 
-    Deterministic given (seed, rank, worker, epoch, worker count). Images of a class are drawn
-    without replacement within a task; classes and images come from one random stream, the
-    augmentation from another, so switching augmentation on does not change which tasks are drawn.
+    Each task is a function of (seed, epoch, its global index in the epoch) alone: its classes,
+    images and augmentation come from generators derived from those keys. ``batches`` lists the
+    global task indices of each meta-batch this rank trains on (the distributed plan, see
+    :mod:`hmaml.train.plan`); by default ``episodes`` tasks in meta-batches of
+    ``tasks_per_batch``, numbered after those of the lower ranks. So when the split fits the class
+    buffer, the tasks of an epoch do not depend on the number of processes or workers, and k
+    processes train on exactly the tasks of one. When it does not fit, classes stream through a
+    buffer per (rank, worker), in an order seeded from (seed, rank, worker, epoch), and a task
+    draws from what its worker's buffer holds.
     ``buffer_mb`` bounds the class buffer of each worker; memory per rank is about
     workers x (buffer_mb + one meta-batch), except that a split that fits is loaded once in the
     parent process and shared by forked workers. Call :meth:`set_epoch` before each epoch; it
@@ -328,7 +346,8 @@ class EpisodeStream(IterableDataset):
     def __init__(self, pack_dir: str | Path, split: str, *, n_way: int, n_shot: int,
                  n_query: int, tasks_per_batch: int, episodes: int, seed: int, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, augment: str | None = None,
-                 buffer_mb: float = 512, image_size: int | None = None) -> None:
+                 buffer_mb: float = 512, image_size: int | None = None,
+                 batches: list[tuple[int, ...]] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise HmamlError(f"rank={rank} must lie in 0..world_size-1 (world_size={world_size})")
         if tasks_per_batch < 1 or episodes < 1:
@@ -347,9 +366,16 @@ class EpisodeStream(IterableDataset):
             raise HmamlError(f"buffer_mb={buffer_mb} cannot hold n_way={n_way} classes of split "
                              f"{split!r} (needs at least {math.ceil(need / MB)} MB)")
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
-        self.tasks_per_batch, self.episodes = tasks_per_batch, episodes
+        if batches is None:
+            first = rank * episodes
+            batches = [tuple(range(first + b, first + min(b + tasks_per_batch, episodes)))
+                       for b in range(0, episodes, tasks_per_batch)]
+        if not batches or not all(batches):
+            raise HmamlError("every meta-batch of the stream needs at least one task")
+        self.task_batches = batches
         self.seed, self.rank, self.epoch = seed, rank, epoch
         self.image_size = image_size or self.info.image_shape[0]
+        self.augment = augment
         self.transform = build_transform(augment, self.image_size)
         self._resident: list[np.ndarray] | None = None
 
@@ -357,8 +383,8 @@ class EpisodeStream(IterableDataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        """Meta-batches per epoch for this rank (the last one may hold fewer tasks)."""
-        return math.ceil(self.episodes / self.tasks_per_batch)
+        """Meta-batches per epoch for this rank."""
+        return len(self.task_batches)
 
     def preload(self) -> None:
         """Read a split that fits the buffer into memory now (e.g. before workers fork)."""
@@ -372,38 +398,42 @@ class EpisodeStream(IterableDataset):
 
     def batches(self, worker: int, num_workers: int) -> Iterator[TaskBatch]:
         """The meta-batches ``worker, worker + num_workers, ...`` of this rank's epoch."""
-        keys = (self.seed, self.rank, worker, self.epoch)
-        sample_gen, augment_gen = _generator(_SAMPLE, *keys), _generator(_AUGMENT, *keys)
         if self.fits:
             self.preload()
             source: ResidentClasses | StreamBuffer = ResidentClasses(self._resident)
         else:
-            source = StreamBuffer(stream_classes(self.shards, self.info, sample_gen), self.budget)
+            order = _generator(_STREAM, self.seed, self.rank, worker, self.epoch)
+            source = StreamBuffer(stream_classes(self.shards, self.info, order), self.budget)
         per_class = self.n_shot + self.n_query
         for b in range(worker, len(self), num_workers):
-            tasks = min(self.tasks_per_batch, self.episodes - b * self.tasks_per_batch)
-            images = TaskImages(tasks, self.n_way, self.n_shot, self.n_query,
+            indices = self.task_batches[b]
+            images = TaskImages(len(indices), self.n_way, self.n_shot, self.n_query,
                                 self.info.image_shape)
-            for task in range(tasks):
-                classes = source.draw(self.n_way, sample_gen)
+            for task, index in enumerate(indices):
+                generator = _generator(_SAMPLE, self.seed, self.epoch, index)
+                classes = source.draw(self.n_way, generator)
                 counts = np.array([len(c) for c in classes])
-                images.put(task, classes, sample_images(counts, per_class, sample_gen))
+                images.put(task, classes, sample_images(counts, per_class, generator))
                 source.advance()  # after the copy: an evicted class is never held past its turn
-            yield images.to_batch(self.transform, augment_gen)
+            augment = None if self.augment is None else [
+                _generator(_AUGMENT, self.seed, self.epoch, index) for index in indices]
+            yield images.to_batch(self.transform, augment)
 
 
 def train_loader(pack_dir: str | Path, split: str, *, n_way: int, n_shot: int, n_query: int,
                  tasks_per_batch: int, episodes: int, seed: int, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, workers: int = 0,
                  augment: str | None = None, buffer_mb: float = 512,
-                 image_size: int | None = None) -> DataLoader:
+                 image_size: int | None = None,
+                 batches: list[tuple[int, ...]] | None = None) -> DataLoader:
     """A DataLoader over an :class:`EpisodeStream` yielding TaskBatches of ``tasks_per_batch``
-    tasks, ``episodes`` tasks per epoch for this rank. Set the epoch with
+    tasks, ``episodes`` tasks per epoch for this rank (or the global task indices ``batches``,
+    see :class:`EpisodeStream`). Set the epoch with
     ``loader.dataset.set_epoch(e)``. Do not pass it to ``accelerator.prepare()``."""
     stream = EpisodeStream(pack_dir, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
                            tasks_per_batch=tasks_per_batch, episodes=episodes, seed=seed,
                            rank=rank, world_size=world_size, epoch=epoch, augment=augment,
-                           buffer_mb=buffer_mb, image_size=image_size)
+                           buffer_mb=buffer_mb, image_size=image_size, batches=batches)
     # The first start method listed is the platform default; get_start_method() would fix it.
     method = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]
     if workers > 0 and method == "fork":
@@ -473,7 +503,6 @@ class EvalLoader:
         return math.ceil(len(self.specs) / self.tasks_per_batch)
 
     def __iter__(self) -> Iterator[EvalBatch]:
-        unused = torch.Generator()  # the plain transform draws nothing
         for start in range(0, len(self.specs), self.tasks_per_batch):
             specs = self.specs[start:start + self.tasks_per_batch]
             images = TaskImages(len(specs), self.n_way, self.n_shot, self.n_query,
@@ -481,7 +510,7 @@ class EvalLoader:
             for task, spec in enumerate(specs):
                 images.put(task, [self.classes[c] for c in spec.classes], np.array(spec.images))
             yield EvalBatch(torch.tensor([s.index for s in specs], dtype=torch.int64),
-                            images.to_batch(self.transform, unused))
+                            images.to_batch(self.transform))
 
 
 def eval_loader(pack_dir: str | Path, split: str, *, n_way: int, n_shot: int, n_query: int,

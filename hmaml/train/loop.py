@@ -1,11 +1,12 @@
 """The training loop: meta-batches split across processes, exact resume, validation, test, MLflow.
 
-One optimizer step consumes ``train.meta_batch`` tasks summed over all processes: each rank
-takes ``meta_batch / world`` of them, in ``train.grad_accum`` micro-batches, each one vectorised
-forward pass. Every task's loss is divided by the number of tasks of the step on its rank, and
-DDP averages the ranks' gradients, so k processes and one process make the same update on the
-same tasks. An epoch is ``train.episodes_per_epoch`` tasks; the last step of an epoch takes the
-remainder rather than dropping it.
+One optimizer step consumes ``train.meta_batch`` tasks summed over all processes, split over any
+number of processes by the distributed plan (:mod:`hmaml.train.plan`): each rank's share runs in
+at most ``train.grad_accum`` micro-batches, each one vectorised forward pass, every task weighted
+so that k processes and one process make the same update on the same tasks. An epoch is
+``train.episodes_per_epoch`` tasks; the last step of an epoch takes the remainder rather than
+dropping it. The engine is DDP, or DeepSpeed ZeRO-1/2 when ``accelerate launch`` was given a
+DeepSpeed config; DeepSpeed checkpoints every rank's optimizer partition through Accelerate.
 
 Checkpoints are written atomically at the end of every epoch (and at a step boundary when a stop
 is requested, e.g. SIGTERM from SLURM): re-running the same config on the same ``run_dir``
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -48,70 +50,120 @@ from hmaml.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from hmaml.train.plan import Plan, make_plan
 from hmaml.train.tracking import make_tracker, plot_learning_curve
 
 CHECKPOINT, BEST, TEST, PROGRESS, HISTORY = ("checkpoint.pt", "best.pt", "test.json",
                                              "progress.json", "history.jsonl")
+ZERO_PREFIX = "zero-state-"  # DeepSpeed's per-rank optimizer partitions, one folder per position
+
+
+def deepspeed_requested() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it says so in the env)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def make_accelerator(cfg: Config):
-    """The Accelerator for this process, checked against the world size the launcher intended.
+    """The Accelerator for this process, checked against what the launcher intended.
 
-    On CPU, Accelerate needs ``cpu=True`` for the ranks to form a (gloo) process group; without
-    it every rank silently trains alone. The check against ``WORLD_SIZE`` makes that loud.
+    On CPU, Accelerate needs ``cpu=True`` for DDP ranks to form a (gloo) process group; without
+    it every rank silently trains alone. But ``cpu=True`` silently turns DeepSpeed into DDP, so
+    DeepSpeed on CPU gets ``cpu=False`` with gloo named explicitly. The checks against
+    ``WORLD_SIZE`` and the engine asked for make every such fallback loud.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from accelerate.utils import InitProcessGroupKwargs
 
     on_cpu = not torch.cuda.is_available()
     expected = int(os.environ.get("WORLD_SIZE", "1"))
-    # DeepSpeed on CPU needs gloo named explicitly; DDP on CPU picks it by itself
+    deepspeed = deepspeed_requested()
+    if deepspeed:
+        check_engine("DeepSpeed", cfg.train.mixed_precision, on_cpu)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg.train.mixed_precision,
-                              kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=on_cpu and not deepspeed,
+                              mixed_precision=cfg.train.mixed_precision, kwargs_handlers=handlers)
     if accelerator.num_processes != expected:
         raise HmamlError(f"launched as {expected} processes (WORLD_SIZE) but Accelerate formed "
                          f"a group of {accelerator.num_processes}: on CPU use "
                          "configs/accelerate/cpu2.yaml or torchrun")
+    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise HmamlError(f"DeepSpeed was asked for but Accelerate set up "
+                         f"{accelerator.distributed_type}; is the deepspeed extra installed?")
     return accelerator
 
 
-def step_sizes(tasks_per_rank: int, micro_batch: int, grad_accum: int) -> list[list[int]]:
-    """Micro-batch sizes of each optimizer step of an epoch on one rank (last step: the rest)."""
-    sizes = [micro_batch] * (tasks_per_rank // micro_batch)
-    if tasks_per_rank % micro_batch:
-        sizes.append(tasks_per_rank % micro_batch)
-    return [sizes[i : i + grad_accum] for i in range(0, len(sizes), grad_accum)]
+def check_engine(engine: str, precision: str, on_cpu: bool) -> None:
+    """Refuse an engine/precision/device combination that cannot work, in one line."""
+    if engine.startswith("DeepSpeed") and on_cpu and precision != "no":
+        raise HmamlError(f"train.mixed_precision={precision} under DeepSpeed on CPU is not "
+                         "supported by DeepSpeed (dtype mismatch); use train.mixed_precision=no "
+                         "or plain DDP")
+
+
+def engine_name(accelerator) -> str:
+    """'single', 'DDP' or 'DeepSpeed ZeRO-<stage>' for the header, the plan and MLflow."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "DDP" if accelerator.num_processes > 1 else "single"
+
+
+def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float | None) -> None:
+    """Fill the DeepSpeed config from hmaml's own keys, before ``prepare``.
+
+    hmaml runs its micro-batches itself and marks the last one as the accumulation boundary,
+    so DeepSpeed accumulates nothing of its own (one hmaml step is one DeepSpeed step);
+    clipping comes from ``train.max_grad_norm`` alone (0 disables it in DeepSpeed), never from
+    Accelerate's default of 1.0; the micro-batch size is the largest one of the plan.
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro = max(len(mb.tasks) for mb in plan.rank_steps(0)[0])
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = micro * plan.processes
+    ds["gradient_clipping"] = float(max_grad_norm or 0.0)
+    accelerator.gradient_accumulation_steps = 1
 
 
 def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[TaskBatch], max_grad_norm: float | None = None
-                   ) -> dict[str, float]:
-    """One meta-update from this rank's micro-batches; returns this rank's mean loss and acc.
+                   micro_batches: list[TaskBatch], weights: list[float],
+                   max_grad_norm: float | None = None) -> dict[str, float]:
+    """One meta-update from this rank's micro-batches; returns this rank's loss and acc sums.
 
-    Each task loss is divided by the rank's task count of the step, so the accumulated gradient
-    is the rank's task mean and DDP's average over ranks is the mean over the whole meta-batch.
+    ``weights[i]`` multiplies every task loss of micro-batch i: ``W / M`` for the step's M tasks
+    on W ranks (DDP then averages over ranks), 0 for a padding micro-batch, whose tasks count
+    in no metric. Under DeepSpeed the last backward is the accumulation boundary, where
+    DeepSpeed clips and steps.
     """
-    step_tasks = sum(b.num_tasks for b in micro_batches)
-    loss_sum = acc_sum = w_sum = b_sum = 0.0
+    from accelerate import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    loss_sum = acc_sum = w_sum = b_sum = tasks = 0.0
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(micro_batches):
+    for i, (batch, weight) in enumerate(zip(micro_batches, weights, strict=True)):
         last = i == len(micro_batches) - 1
-        sync = nullcontext() if last else accelerator.no_sync(model)
+        if deepspeed:  # Accelerate's DeepSpeed backward steps the engine at a sync point only
+            accelerator.gradient_state._set_sync_gradients(last)
+        sync = nullcontext() if last or deepspeed else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
                 out = model(batch)
-            accelerator.backward(out.task_loss.sum() / step_tasks)
+            accelerator.backward(out.task_loss.sum() * weight)
+        if weight == 0.0:
+            continue
+        tasks += batch.num_tasks
         loss_sum += float(out.task_loss.detach().sum())
         acc_sum += float(out.accuracy(batch.query_y).sum())
         if out.weight_update_norm is not None:
             w_sum += float(out.weight_update_norm.sum())
             b_sum += float(out.bias_update_norm.sum())
-    if max_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    if not deepspeed:
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
     return {"loss": loss_sum, "acc": acc_sum, "weight_norm": w_sum, "bias_norm": b_sum,
-            "tasks": float(step_tasks)}
+            "tasks": tasks}
 
 
 class StopFlag:
@@ -151,16 +203,11 @@ class Trainer:
         self.main = accelerator.is_main_process
         data, train = cfg.data, cfg.train
         self.world = accelerator.num_processes
-        per_step = self.world * train.grad_accum
-        if train.meta_batch % per_step:
-            raise HmamlError(f"train.meta_batch={train.meta_batch} must be divisible by "
-                             f"processes x train.grad_accum = {self.world} x {train.grad_accum}")
-        if train.episodes_per_epoch % self.world:
-            raise HmamlError(f"train.episodes_per_epoch={train.episodes_per_epoch} must be "
-                             f"divisible by the number of processes ({self.world})")
-        self.micro_batch = train.meta_batch // per_step
-        self.steps = step_sizes(train.episodes_per_epoch // self.world, self.micro_batch,
-                                train.grad_accum)
+        self.deepspeed = engine_name(accelerator).startswith("DeepSpeed")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.plan = make_plan(cfg, self.world, nodes=max(self.world // local, 1),
+                              engine=engine_name(accelerator))
+        self.steps = self.plan.rank_steps(accelerator.process_index)
         self.eval_pack = Path(data.eval_pack or data.train_pack)
         self.train_manifest = read_manifest(data.train_pack)
         self.eval_manifest = read_manifest(self.eval_pack)
@@ -175,6 +222,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"])
         self.method: Method = build_method(cfg.method, encoder, data.n_way)
+        if self.deepspeed:  # DeepSpeed flattens parameters through views of contiguous memory
+            for param in self.method.parameters():
+                param.data = param.data.contiguous()
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=train.lr,
                                           weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -183,15 +233,19 @@ class Trainer:
         self.best_val, self.best_epoch = -1.0, -1
         self.history: list[dict[str, Any]] = []
         self.tracker = make_tracker(cfg, self.main)
-        self._maybe_resume()
+        zero_state = self._maybe_resume()
+        if self.deepspeed:
+            configure_deepspeed(accelerator, self.plan, train.max_grad_norm)
         self.model, self.optimizer = accelerator.prepare(self.method, self.optimizer)
+        if zero_state is not None:
+            accelerator.load_state(str(zero_state))
         self.train_data = train_loader(
             data.train_pack, data.train_split, n_way=data.n_way, n_shot=data.n_shot,
-            n_query=data.n_query, tasks_per_batch=self.micro_batch,
-            episodes=train.episodes_per_epoch // self.world, seed=cfg.seed,
-            rank=accelerator.process_index, world_size=self.world, epoch=self.epoch,
-            workers=data.workers, augment=data.augment, buffer_mb=data.buffer_mb,
-            image_size=image["size"])
+            n_query=data.n_query, tasks_per_batch=1, episodes=train.episodes_per_epoch,
+            seed=cfg.seed, rank=accelerator.process_index, world_size=self.world,
+            epoch=self.epoch, workers=data.workers, augment=data.augment,
+            buffer_mb=data.buffer_mb, image_size=image["size"],
+            batches=[mb.tasks for step in self.steps for mb in step])
         self.val_data = self._eval_loader(data.val_split, cfg.eval.val_episodes, data.n_query)
 
     # ------------------------------------------------------------------ setup helpers
@@ -204,13 +258,21 @@ class Trainer:
                            tasks_per_batch=cfg.eval.tasks_per_batch,
                            image_size=self.train_manifest["image"]["size"])
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> Path | None:
+        """Load the checkpoint if there is one; returns the DeepSpeed state folder to load
+        after ``prepare`` (the optimizer partitions), if the checkpoint has one."""
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
-            return
+            return None
         state = load_checkpoint(path, fingerprint(self.cfg))
+        zero = state.get("zero_state")
+        if bool(zero) != self.deepspeed:
+            raise HmamlError(f"{path} was written {'with' if zero else 'without'} DeepSpeed and "
+                             f"cannot resume {'without' if zero else 'with'} it: relaunch with "
+                             "the accelerate config it was made with")
         load_model_state(self.method, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not zero:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # the schedule is the config's, even when it changed since the checkpoint was written
         self.scheduler.milestones = Counter(self.cfg.train.lr_milestones)
@@ -223,14 +285,24 @@ class Trainer:
         if history.is_file():
             rows = [json.loads(line) for line in history.read_text().splitlines() if line]
             self.history = [row for row in rows if row["epoch"] < self.epoch]
+        return self.run_dir / zero if zero else None
 
     def _save(self, epoch: int, step: int) -> None:
-        """Checkpoint: the next thing to run is ``step`` of ``epoch``."""
+        """Checkpoint: the next thing to run is ``step`` of ``epoch``.
+
+        Under DeepSpeed every rank writes its optimizer partition through Accelerate into a
+        folder named by the position; ``checkpoint.pt`` (written atomically last) names the
+        folder it goes with, so a crash at any point leaves a consistent pair.
+        """
+        zero = None
+        if self.deepspeed:
+            zero = f"{ZERO_PREFIX}{epoch:06d}-{step:06d}"
+            self.acc.save_state(str(self.run_dir / zero))
         self.acc.wait_for_everyone()
         if self.main:
             save_checkpoint(self.run_dir / CHECKPOINT, {
                 "model": self.acc.unwrap_model(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": {} if self.deepspeed else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": capture_rng(),
                 "stream": {"epoch": epoch, "step": step},
@@ -239,7 +311,12 @@ class Trainer:
                 "best_epoch": self.best_epoch,
                 "config_yaml": to_yaml(self.cfg),
                 "fingerprint": fingerprint(self.cfg),
+                "zero_state": zero,
             })
+            for old in self.run_dir.glob(f"{ZERO_PREFIX}*"):
+                if old.name != zero:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
 
     def stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: all ranks must stop at the same step, or the
@@ -266,18 +343,21 @@ class Trainer:
         bar = tqdm(total=len(self.steps), initial=start_step, disable=not self.main
                    or not self.cfg.train.progress, desc=f"epoch {epoch + 1}/"
                    f"{self.cfg.train.epochs}", leave=False, dynamic_ncols=True)
-        for step, sizes in enumerate(self.steps):
-            micro = [next(batches) for _ in sizes]
+        for step, micro_plan in enumerate(self.steps):
+            micro = [next(batches) for _ in micro_plan]
             if step < start_step:  # replaying a stopped epoch: the stream is deterministic
                 continue
             micro = [b.to(self.acc.device, non_blocking=True) for b in micro]
+            weight = self.plan.weight(step)
             metrics = optimizer_step(self.acc, self.model, self.optimizer, micro,
+                                     [0.0 if mb.padding else weight for mb in micro_plan],
                                      self.cfg.train.max_grad_norm)
             for key, value in metrics.items():
                 totals[key] += value
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss'] / metrics['tasks']:.3f}",
-                            acc=f"{metrics['acc'] / metrics['tasks']:.3f}")
+            if metrics["tasks"]:
+                bar.set_postfix(loss=f"{metrics['loss'] / metrics['tasks']:.3f}",
+                                acc=f"{metrics['acc'] / metrics['tasks']:.3f}")
             if self.stop_agreed() and step + 1 < len(self.steps):
                 bar.close()
                 self._save(epoch, step + 1)
@@ -384,14 +464,13 @@ def _header(trainer: Trainer) -> str:
     lines = [
         f"hmaml · {cfg.name}: {cfg.method.name} + {cfg.model.encoder}, {cfg.data.n_way}-way "
         f"{cfg.data.n_shot}-shot",
-        f"  processes {acc.num_processes} on {acc.device} ({acc.distributed_type}), "
+        f"  processes {acc.num_processes} on {acc.device} ({trainer.plan.engine}), "
         f"mixed precision {cfg.train.mixed_precision}, host {socket.gethostname()}",
         f"  data: {tm['dataset']} {cfg.data.train_split} {count(tm, cfg.data.train_split)} "
         f"classes -> {em['dataset']} {cfg.data.val_split} {count(em, cfg.data.val_split)} / "
         f"{cfg.data.test_split} {count(em, cfg.data.test_split)} classes",
-        f"  budget: {cfg.train.epochs} epochs x {cfg.train.episodes_per_epoch} episodes, "
-        f"{cfg.train.meta_batch} tasks per step ({trainer.micro_batch} per micro-batch), "
-        f"{len(trainer.steps)} steps per epoch",
+        f"  budget: {cfg.train.epochs} epochs x {cfg.train.episodes_per_epoch} episodes",
+        *(f"  {line}" for line in trainer.plan.lines()[1:]),
         f"  run dir: {trainer.run_dir}",
     ]
     if trainer.epoch or trainer.resume_step:
@@ -421,7 +500,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None,
         trainer = Trainer(cfg, accelerator, stop)
         if accelerator.is_main_process:
             tqdm.write(_header(trainer))
-        run_tags = {"world_size": accelerator.num_processes,
+        run_tags = {"world_size": accelerator.num_processes, "engine": trainer.plan.engine,
                     "train_pack.manifest_sha256": _file_sha256(
                         Path(cfg.data.train_pack) / MANIFEST_NAME),
                     "eval_pack.manifest_sha256": _file_sha256(trainer.eval_pack / MANIFEST_NAME),
@@ -478,4 +557,4 @@ def _finish(trainer: Trainer, result: EvalResult, summary: dict[str, Any]) -> No
         f"{' in ' + str(tracker.uri) if getattr(tracker, 'uri', None) else ''}")
 
 
-__all__ = ["Trainer", "make_accelerator", "optimizer_step", "step_sizes", "train"]
+__all__ = ["Trainer", "make_accelerator", "optimizer_step", "train"]
