@@ -1,6 +1,7 @@
 """Adaptation and training speed of the methods (prints figures, asserts nothing).
 
-What it measures, on Conv4 at 28 px, 5-way 1-shot, 15 queries per class:
+What it measures, on Conv4 at 28 px, 5-way 1-shot, 15 queries per class (the GPU check,
+:mod:`hmaml.bench_gpu`, also runs the adaptation part at 84 px):
 - seconds to classify 600 random tasks, in meta-batches, for the encoder alone (the floor),
   MAML adapting the whole network (the paper's baseline) with 1/2/5/10 steps, MAML adapting the
   head only, and HyperMAML — each also as a ratio to the encoder alone;
@@ -21,12 +22,14 @@ from hmaml.models import build_encoder
 from hmaml.tasks import TaskBatch
 
 
-def random_batch(tasks: int, n_way: int, shot: int, query: int, device: torch.device
-                 ) -> TaskBatch:
+def random_batch(tasks: int, n_way: int, shot: int, query: int, device: torch.device,
+                 channels: int = 1, size: int = 28) -> TaskBatch:
+    """Random images with class-sorted labels: speed does not depend on the content."""
     sy = torch.arange(n_way).repeat_interleave(shot).expand(tasks, -1)
     qy = torch.arange(n_way).repeat_interleave(query).expand(tasks, -1)
-    return TaskBatch(torch.rand(tasks, n_way * shot, 1, 28, 28), sy,
-                     torch.rand(tasks, n_way * query, 1, 28, 28), qy, n_way).to(device)
+    return TaskBatch(torch.rand(tasks, n_way * shot, channels, size, size), sy,
+                     torch.rand(tasks, n_way * query, channels, size, size), qy,
+                     n_way).to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -35,18 +38,21 @@ def _sync(device: torch.device) -> None:
 
 
 def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: int,
-                autocast: torch.dtype | None) -> dict[str, float]:
-    """Seconds to classify ``episodes`` tasks with each method.
+                autocast: torch.dtype | None, encoder_name: str = "conv4", channels: int = 1,
+                size: int = 28, query: int = 15, steps: tuple[int, ...] = (1, 2, 5, 10)
+                ) -> dict[str, float]:
+    """Seconds to classify ``episodes`` 5-way 1-shot tasks with each method.
 
     The methods take turns batch by batch (and the best of ``repeats`` rounds counts), so a
     change in the machine's load during the run affects every method alike and the ratios hold.
     """
     torch.manual_seed(0)
-    batches = [random_batch(meta_batch, 5, 1, 15, device) for _ in range(episodes // meta_batch)]
-    encoder = build_encoder("conv4", 1, 28)
+    batches = [random_batch(meta_batch, 5, 1, query, device, channels, size)
+               for _ in range(episodes // meta_batch)]
+    encoder = build_encoder(encoder_name, channels, size)
     methods: dict[str, Method] = {
         **{f"maml_{s}": MAML(encoder, 5, s, 0.1, first_order=True, adapt="all")
-           for s in (1, 2, 5, 10)},
+           for s in steps},
         "maml_head_1": MAML(encoder, 5, 1, 0.1),
         "hypermaml": HyperMAML(encoder, 5, switch=False),
     }

@@ -1,5 +1,7 @@
-"""Sweeps: trial expansion, refusals, dry run, SLURM array script, debug and local execution,
-idempotent re-submission, MLflow parent/child runs, and preemption -> requeue -> same result."""
+"""Sweeps: trial expansion, refusals, dry run, the SLURM array script (with the sweep file's
+#SBATCH options and setup lines), the distributed-plan check before submission, the SQLite
+warning, debug and local execution, idempotent re-submission, MLflow parent/child runs, and
+preemption -> requeue -> same result (in-process; tests/test_slurm.py does it on real SLURM)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from hmaml.sweep import (
     submit,
     summarize,
 )
+from hmaml.sweep.signals import PreemptionGuard
 from tests.sweep_fixtures import fake_slurm, write_sweep
 from tests.train_fixtures import ROOT, tiny_pack
 
@@ -114,6 +117,16 @@ def test_random_samples_are_reproducible_and_inside_their_space(tmp_path: Path) 
      "'train.lr' is varied by both"),
     ({"executor": {"cluster": "kubernetes"}}, "executor.cluster='kubernetes'"),
     ({"executor": {"nodes": "two"}}, "executor.nodes"),
+    ({"executor": {"gpus_per_node": 4, "tasks_per_node": 2}},
+     "executor.tasks_per_node=2 must equal gpus_per_node=4"),
+    ({"executor": {"additional_parameters": {"time": "1:00:00"}}},
+     "executor.additional_parameters.time is written by the sweep itself; set "
+     "executor.timeout_min"),
+    ({"executor": {"additional_parameters": {"open_mode": "truncate"}}},
+     "executor.additional_parameters.open_mode is written by the sweep itself (submitit"),
+    ({"executor": {"additional_parameters": {"exclude": ["a", "b"]}}},
+     "executor.additional_parameters.exclude=['a', 'b'] must be a string or number"),
+    ({"executor": {"setup": "module load cuda"}}, "executor.setup"),
 ])
 def test_bad_sweep_files_are_refused_naming_the_culprit(tmp_path: Path, body: dict,
                                                         culprit: str) -> None:
@@ -139,7 +152,7 @@ def test_dry_run_prints_trials_and_executor_and_submits_nothing(
         assert line in out
     assert not (tmp_path / "out").exists()
     assert main(["--sweep", str(path), "--dry-run", "--cluster", "local"]) == 2  # nodes=2
-    assert "error: executor.nodes=2" in capsys.readouterr().err
+    assert "sweep.yaml: executor.nodes=2: the local cluster has one node" in capsys.readouterr().err
 
 
 def test_slurm_gets_one_job_array_with_the_executor_settings(
@@ -150,7 +163,10 @@ def test_slurm_gets_one_job_array_with_the_executor_settings(
         "grid": {"train.lr": [0.01, 0.001]}, "seeds": [0, 1],
         "executor": {"partition": "gpu", "account": "proj", "gpus_per_node": 2,
                      "cpus_per_task": 6, "timeout_min": 30, "array_parallelism": 3,
-                     "signal_delay_s": 100}})
+                     "signal_delay_s": 100,
+                     "setup": ["module load cuda/12.4", "source /opt/venvs/hmaml/bin/activate"],
+                     "additional_parameters": {"constraint": "a100", "exclude": "gpu07",
+                                               "gres": "gpu:a100:2", "exclusive": True}}})
     out = submit(path, echo=lambda _: None)
     assert out["submitted"] == {t.name: f"4242_{i}" for i, t in
                                 enumerate(load_sweep(path).trials)}
@@ -158,11 +174,49 @@ def test_slurm_gets_one_job_array_with_the_executor_settings(
     for line in ("#SBATCH --array=0-3%3", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
                  "#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2",
                  "#SBATCH --cpus-per-task=6", "#SBATCH --time=30", "#SBATCH --signal=USR2@100",
-                 "export OMP_NUM_THREADS=6"):
-        assert line in script
+                 "#SBATCH --constraint=a100", "#SBATCH --exclude=gpu07",
+                 "#SBATCH --gres=gpu:a100:2", "#SBATCH --exclusive"):
+        assert f"{line}\n" in script
+    # the setup lines, in order, after the thread count and before the trial starts
+    setup = ("export OMP_NUM_THREADS=6\nmodule load cuda/12.4\n"
+             "source /opt/venvs/hmaml/bin/activate\n")
+    assert setup in script and script.index(setup) < script.index("srun ")
     info = read_sweep_json(tmp_path / "out")
     assert [t["name"] for t in info["trials"]] == list(out["submitted"])
     assert info["submissions"][-1]["cluster"] == "slurm"
+
+
+def test_a_trial_whose_distributed_plan_cannot_work_fails_before_anything_is_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.sweep import main
+
+    scripts = fake_slurm(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    path = write_sweep(tmp_path, {"grid": {"train.lr": [0.01, 0.001]},
+                                  "executor": {"nodes": 2, "tasks_per_node": 4000}})
+    assert main(["--sweep", str(path)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {path}: trial lr=0.01_seed=0: processes=8000 must lie in")
+    assert line.endswith("(8000 processes on 2 nodes, cluster slurm)")
+    assert not list(scripts.iterdir()) and not (tmp_path / "out").exists()
+    assert main(["--sweep", str(path), "--dry-run"]) == 2  # a dry run checks it too
+
+
+@pytest.mark.parametrize(("cluster", "uri", "warned"), [
+    ("slurm", "sqlite:///{tmp}/mlruns.db", True), ("local", "sqlite:///{tmp}/mlruns.db", False),
+    ("slurm", "http://mlflow.internal:5000", False)])
+def test_slurm_sweep_logging_to_sqlite_warns_once(tmp_path: Path, cluster: str, uri: str,
+                                                  warned: bool) -> None:
+    path = write_sweep(tmp_path, {"grid": {"train.lr": [0.1, 0.2, 0.3]}},
+                       tracking_uri=uri.format(tmp=tmp_path))
+    lines: list[str] = []
+    submit(path, cluster=cluster, dry_run=True, echo=lines.append)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert "lose metrics" in warnings[0] and "docker/compose.yaml" in warnings[0]
+        assert "\n" not in warnings[0]
 
 
 # --- running trials (need the training loop) ------------------------------------------------
@@ -256,12 +310,12 @@ class _StopAfterFirstEpoch(TrialJob):
     sent = False
     deaf = False
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self, guard: PreemptionGuard) -> bool:
         progress = Path(self.cfg.run_dir) / "progress.json"
         if not self.sent and progress.is_file() and json.loads(progress.read_text())["epoch"]:
             self.sent = True
             os.kill(os.getpid(), signal.SIGUSR2)
-        return super().stop_requested() and not self.deaf
+        return super().stop_requested(guard) and not self.deaf
 
 
 class _FakeSubmitit:

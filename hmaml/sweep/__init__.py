@@ -1,8 +1,10 @@
 """Sweeps: many trials of one base config, run as a SLURM job array, local processes or in-process.
 
 :mod:`~hmaml.sweep.spec` reads a sweep file and expands it into trials, :mod:`~hmaml.sweep.job`
-runs one trial as a preemptible submitit job, :mod:`~hmaml.sweep.execute` submits the unfinished
-trials and :mod:`~hmaml.sweep.report` reads their states back into a status table and a summary.
+runs one trial as a preemptible submitit job, :mod:`~hmaml.sweep.execute` checks and submits the
+unfinished trials and :mod:`~hmaml.sweep.report` reads their states back into a status table and
+a summary. :mod:`~hmaml.sweep.signals` holds the preemption, requeue and "is it still running"
+rules that depend on SLURM and submitit.
 """
 
 from hmaml.sweep.execute import describe, executor_parameters, submit

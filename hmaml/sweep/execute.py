@@ -9,8 +9,6 @@ sweep reports to the same parent run.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,9 @@ from hmaml.errors import HmamlError
 from hmaml.files import write_json_atomic
 from hmaml.sweep.job import TrialJob
 from hmaml.sweep.report import SWEEP_JSON, TRIAL_JSON, _read_json, summarize
+from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
+from hmaml.train.plan import make_plan
 
 # submitit's LocalExecutor sends the timeout signal this long before its limit (not settable
 # through AutoExecutor).
@@ -53,28 +53,40 @@ def _merge_records(sweep: Sweep, old: dict[str, Any] | None) -> list[dict[str, A
     return records + list(known.values())
 
 
+def _slurm_jobs(old: dict[str, Any] | None) -> dict[str, str]:
+    """Each trial's SLURM job of the latest submission that queued it."""
+    jobs: dict[str, str] = {}
+    for submission in (old or {}).get("submissions", []):
+        if submission.get("cluster") == "slurm":
+            jobs.update(submission.get("jobs", {}))
+    return jobs
 
-def _running_elsewhere(run_dir: Path, cluster: str, folder: Path) -> bool:
-    """Whether the trial's last job is still alive (so submitting it again would run it twice)."""
-    marker = _read_json(run_dir / TRIAL_JSON)
-    if not marker or marker.get("state") != "running":
-        return False
-    if marker.get("host") == socket.gethostname() and marker.get("pid"):
-        if int(marker["pid"]) == os.getpid():
-            return False
+
+def _check_plans(sweep: Sweep, cluster: str) -> None:
+    """Refuse, before anything is queued, a trial whose distributed plan cannot work."""
+    ex = sweep.spec.executor
+    if cluster == "local" and ex.nodes != 1:
+        raise HmamlError(f"{sweep.path}: executor.nodes={ex.nodes}: the local cluster has one "
+                         "node")
+    nodes = ex.nodes if cluster == "slurm" else 1
+    processes = 1 if cluster == "debug" else nodes * ex.processes_per_node()
+    for trial in sweep.trials:
         try:
-            os.kill(int(marker["pid"]), 0)
-        except (OSError, ValueError):
-            return False
-        return True
-    if cluster == "slurm" and marker.get("job_id"):
-        import submitit
+            make_plan(trial.cfg, processes, nodes=nodes)
+        except HmamlError as exc:
+            raise HmamlError(f"{sweep.path}: trial {trial.name}: {exc} ({processes} processes "
+                             f"on {nodes} node{'s' if nodes > 1 else ''}, cluster {cluster})"
+                             ) from None
 
-        state = submitit.SlurmJob(folder / "%j", str(marker["job_id"])).state
-        return state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING",
-                         "SUSPENDED", "RESIZING")
-    return False
 
+def _sqlite_warning(sweep: Sweep, cluster: str) -> str | None:
+    """The warning for SLURM jobs that all log to one SQLite file."""
+    if cluster != "slurm" or not sweep.tracking_enabled \
+            or not sweep.tracking_uri.startswith("sqlite:"):
+        return None
+    return (f"warning: tracking.uri={sweep.tracking_uri}: many SLURM jobs locking one SQLite "
+            "file on a shared filesystem lose metrics; run the tracking server of "
+            "docker/compose.yaml and set tracking.uri=http://<host>:5000")
 
 
 # --- submission -----------------------------------------------------------------------------
@@ -82,7 +94,7 @@ def _running_elsewhere(run_dir: Path, cluster: str, folder: Path) -> bool:
 
 def executor_parameters(spec: ExecutorSpec, cluster: str) -> dict[str, Any]:
     """The ``submitit.AutoExecutor.update_parameters`` keywords of a cluster."""
-    tasks = max(spec.gpus_per_node, 1)
+    tasks = spec.processes_per_node()
     if cluster == "slurm":
         params: dict[str, Any] = {
             "timeout_min": spec.timeout_min, "nodes": spec.nodes,
@@ -91,11 +103,10 @@ def executor_parameters(spec: ExecutorSpec, cluster: str) -> dict[str, Any]:
             "slurm_partition": spec.partition, "slurm_account": spec.account,
             "slurm_qos": spec.qos, "slurm_array_parallelism": spec.array_parallelism,
             "slurm_signal_delay_s": spec.signal_delay_s,
-            "slurm_setup": [f"export OMP_NUM_THREADS={spec.cpus_per_task}"]}
+            "slurm_setup": [f"export OMP_NUM_THREADS={spec.cpus_per_task}", *spec.setup],
+            "slurm_additional_parameters": dict(spec.additional_parameters) or None}
         return {k: v for k, v in params.items() if v is not None}
     if cluster == "local":
-        if spec.nodes != 1:
-            raise HmamlError(f"executor.nodes={spec.nodes}: the local cluster has one node")
         return {"timeout_min": spec.timeout_min, "gpus_per_node": spec.gpus_per_node,
                 "tasks_per_node": tasks, "local_setup": ["export OMP_NUM_THREADS=1"]}
     return {}
@@ -135,6 +146,10 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     cluster = cluster or sweep.spec.executor.cluster
     if cluster not in CLUSTERS:
         raise HmamlError(f"cluster {cluster!r} is not one of {', '.join(CLUSTERS)}")
+    _check_plans(sweep, cluster)
+    warning = _sqlite_warning(sweep, cluster)
+    if warning:
+        echo(warning)
     if dry_run:
         echo(describe(sweep, cluster))
         return {"submitted": {}, "skipped": [], "dry_run": True}
@@ -149,10 +164,12 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
             "submissions": (old or {}).get("submissions", [])}
     write_json_atomic(sweep_dir / SWEEP_JSON, info)
 
+    slurm_jobs = _slurm_jobs(old)
     todo, skipped = [], []
     for trial in sweep.trials:
         run_dir = Path(trial.cfg.run_dir)
-        if (run_dir / "test.json").is_file() or _running_elsewhere(run_dir, cluster, folder):
+        if (run_dir / "test.json").is_file() or still_running(
+                _read_json(run_dir / TRIAL_JSON), slurm_jobs.get(trial.name)):
             skipped.append(trial.name)
         else:
             todo.append(trial)
@@ -259,6 +276,7 @@ def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder
                   echo: Callable[[str], None]) -> dict[str, str]:
     """One job array of all trials; returns at once."""
     import submitit
+    from submitit.core.utils import FailedJobError
 
     try:
         executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
@@ -267,8 +285,11 @@ def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder
         raise HmamlError(f"cluster slurm: {_first_line(exc)} (use --cluster local or debug)"
                          ) from None
     executor.update_parameters(name=folder.parent.name, **executor_parameters(spec, "slurm"))
-    with executor.batch():
-        handles = [executor.submit(job) for _, job in jobs]
+    try:
+        with executor.batch():
+            handles = [executor.submit(job) for _, job in jobs]
+    except FailedJobError as exc:
+        raise HmamlError(f"sbatch refused the job array: {_first_line(exc)}") from None
     out = {trial.name: str(h.job_id) for (trial, _), h in zip(jobs, handles, strict=True)}
     for name, job_id in out.items():
         echo(f"[{name}] queued as SLURM job {job_id}")

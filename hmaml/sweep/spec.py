@@ -36,6 +36,13 @@ CLUSTERS = ("slurm", "local", "debug")
 SPACE_KINDS = ("choice", "uniform", "loguniform")
 # Keys the sweep sets itself for every trial.
 RESERVED_KEYS = ("run_dir", "tracking.run_name")
+# sbatch options the executor writes itself -> the executor key that sets them (None: submitit's).
+SBATCH_OWN = {"time": "timeout_min", "nodes": "nodes", "ntasks": "tasks_per_node",
+              "ntasks-per-node": "tasks_per_node",
+              "gpus-per-node": "gpus_per_node", "cpus-per-task": "cpus_per_task",
+              "mem": "mem_gb", "partition": "partition", "account": "account", "qos": "qos",
+              "signal": "signal_delay_s", "array": "array_parallelism", "job-name": None,
+              "output": None, "error": None, "open-mode": None}
 # Keys that must be equal for all trials (one parent run holds all children).
 COMMON_KEYS = ("tracking.uri", "tracking.experiment", "tracking.enabled")
 _TRIAL_NAME_CHARS = re.compile(r"[^A-Za-z0-9.+-]+")
@@ -53,7 +60,8 @@ class ExecutorSpec:
     account: str | None = None
     qos: str | None = None
     nodes: int = 1
-    gpus_per_node: int = 0  # one task (process) per GPU; 0: one CPU task
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # processes per node; default: one per GPU, else 1
     cpus_per_task: int = 4
     mem_gb: float | None = None
     timeout_min: int = 60
@@ -61,6 +69,12 @@ class ExecutorSpec:
     max_local_parallel: int = 2  # local: trial processes running at once
     signal_delay_s: int = 120  # SLURM: warning signal this long before the time limit
     max_num_timeout: int = 10  # requeues after a timeout (preemptions do not count)
+    setup: list[str] = field(default_factory=list)  # SLURM: shell lines before the trial starts
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # SLURM: more #SBATCH
+
+    def processes_per_node(self) -> int:
+        """Processes (SLURM tasks) of a trial on each node."""
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
 
 
 @dataclass
@@ -230,6 +244,21 @@ def _check_executor(ex: ExecutorSpec, fail: Callable[[str], None]) -> None:
             fail(f"executor.{key}={value} must be >= {low}")
     if ex.mem_gb is not None and not ex.mem_gb > 0:
         fail(f"executor.mem_gb={ex.mem_gb} must be > 0")
+    if ex.tasks_per_node is not None:
+        if ex.tasks_per_node < 1:
+            fail(f"executor.tasks_per_node={ex.tasks_per_node} must be >= 1")
+        if ex.gpus_per_node and ex.tasks_per_node != ex.gpus_per_node:
+            fail(f"executor.tasks_per_node={ex.tasks_per_node} must equal gpus_per_node="
+                 f"{ex.gpus_per_node} (one process per GPU)")
+    for key, value in ex.additional_parameters.items():
+        where = f"executor.additional_parameters.{key}"
+        flag = str(key).replace("_", "-")
+        if flag in SBATCH_OWN:
+            own = SBATCH_OWN[flag]
+            fail(f"{where} is written by the sweep itself"
+                 + (f"; set executor.{own}" if own else " (submitit needs it)"))
+        if value is False or value is None or not isinstance(value, str | int | float | bool):
+            fail(f"{where}={value!r} must be a string or number (true: a flag without value)")
 
 
 def _flat(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
