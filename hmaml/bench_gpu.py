@@ -52,6 +52,7 @@ from hmaml.errors import HmamlError
 from hmaml.methods import MAML, HyperMAML, Method, ProtoNet
 from hmaml.models import build_encoder
 from hmaml.tasks import TaskBatch
+from hmaml.train.rundir import Status
 
 SECTIONS = ("env", "numerics", "ddp", "adapt", "train_speed", "train_run",
             "train_speed_compiled")
@@ -482,9 +483,10 @@ def section_train_run(device: torch.device, sizes: Sizes, args: argparse.Namespa
                      *sizes.run_overrides]
         cfg = load_config("omni_emnist1", overrides)
         out["overrides"] = overrides[3:]
-        summary = train(cfg)
-    if summary["status"] != "finished":
-        raise HmamlError(f"the training run stopped early: {summary}")
+        result = train(cfg)
+    if result.status != Status.FINISHED or result.test is None:
+        raise HmamlError(f"the training run stopped early: {result}")
+    summary = result.test
     tasks = cfg.train.epochs * cfg.train.episodes_per_epoch
     out.update({key: summary.get(key) for key in ("status", "test_acc", "test_ci",
                                                   "test_episodes", "best_val_acc", "epoch")})

@@ -22,6 +22,7 @@ from hmaml.errors import HmamlError
 
 ADAPT = ("head", "all")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+NONFINITE = ("stop", "skip")
 
 # Keys whose values fix the parameter and optimizer-state shapes: a checkpoint can only be
 # resumed by a config that agrees on all of them.
@@ -88,6 +89,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     max_grad_norm: float | None = None
     progress: bool = True
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop with an error, or skip the step
+    nonfinite_patience: int = 10  # with skip: stop after this many non-finite steps in a row
 
 
 @dataclass
@@ -97,6 +100,7 @@ class EvalConfig:
     seed: int = 1234  # seeds the fixed validation and test episode lists
     tasks_per_batch: int = 50
     every: int = 1  # validate every `every` epochs
+    test_repeats: int = 1  # independent test lists: mean ± std of their means (the paper: 5)
 
 
 @dataclass
@@ -410,7 +414,13 @@ def _check(cfg: Config, source_of: Any) -> None:
     one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     if t.max_grad_norm is not None:
         positive("train.max_grad_norm", t.max_grad_norm)
+    one_of("train.nonfinite", t.nonfinite, NONFINITE)
+    at_least("train.nonfinite_patience", t.nonfinite_patience, 1)
     at_least("eval.val_episodes", e.val_episodes, 1)
     at_least("eval.test_episodes", e.test_episodes, 1)
     at_least("eval.tasks_per_batch", e.tasks_per_batch, 1)
     at_least("eval.every", e.every, 1)
+    at_least("eval.test_repeats", e.test_repeats, 1)
+    if d.val_split == d.test_split:  # both are read from the evaluation pack
+        fail("data.test_split", f"is also data.val_split in {d.eval_pack or d.train_pack}: "
+             "validation would select on the test set")

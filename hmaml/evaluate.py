@@ -7,18 +7,14 @@ in global episode order, so the figures do not depend on the number of processes
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from hmaml.data.episodes import EvalBatch
-from hmaml.errors import HmamlError
 from hmaml.methods import Method
 
 
@@ -89,54 +85,3 @@ def _gather_rows(rows: torch.Tensor, accelerator) -> torch.Tensor:
         return rows
     gathered = accelerator.gather(accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
     return gathered[gathered[:, 0] >= 0]
-
-
-def evaluate_run(run_dir: str | Path, episodes: int | None = None, seeds: int = 1
-                 ) -> dict[str, Any]:
-    """Test a finished (or stopped) run's best checkpoint on ``seeds`` fixed episode lists.
-
-    Seed ``s`` uses the episode list of ``eval.seed + s``; the summary is the mean and standard
-    deviation of the per-seed means, as the paper reports them. Works under ``accelerate launch``
-    (episodes split across processes, results gathered).
-    """
-    from accelerate import Accelerator
-
-    from hmaml.config import config_from_yaml, fingerprint
-    from hmaml.data.episodes import eval_loader
-    from hmaml.data.format import read_manifest
-    from hmaml.methods import build_method
-    from hmaml.models import build_encoder
-    from hmaml.train.checkpoint import restore_best
-
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise HmamlError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = config_from_yaml(config_file.read_text(), source=str(config_file))
-    best = run_dir / "best.pt"
-    if not best.is_file():
-        raise HmamlError(f"{run_dir}: no best.pt yet (the run has not validated an epoch)")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    image = read_manifest(cfg.data.train_pack)["image"]
-    method = build_method(cfg.method, build_encoder(cfg.model.encoder, image["channels"],
-                                                    image["size"]), cfg.data.n_way)
-    best_epoch = restore_best(method, best, fingerprint(cfg))
-    method = accelerator.prepare(method)
-    eval_pack = cfg.data.eval_pack or cfg.data.train_pack
-    per_seed = []
-    for seed in range(seeds):
-        loader = eval_loader(eval_pack, cfg.data.test_split, n_way=cfg.data.n_way,
-                             n_shot=cfg.data.n_shot, n_query=cfg.data.test_query,
-                             n_episodes=episodes or cfg.eval.test_episodes,
-                             seed=cfg.eval.seed + seed, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes,
-                             tasks_per_batch=cfg.eval.tasks_per_batch, image_size=image["size"])
-        result = evaluate(method, loader, accelerator)
-        per_seed.append({"seed": cfg.eval.seed + seed, **result.as_dict()})
-    means = np.array([r["acc"] for r in per_seed])
-    summary = {"run_dir": str(run_dir), "best_epoch": best_epoch + 1,
-               "per_seed": per_seed, "mean": float(means.mean()),
-               "std": float(means.std()) if seeds > 1 else 0.0}
-    if accelerator.is_main_process:
-        (run_dir / "evaluate.json").write_text(json.dumps(summary, indent=2))
-    return summary

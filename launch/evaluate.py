@@ -1,7 +1,8 @@
-"""Test a run's best checkpoint on the fixed test episodes, optionally over several seeds.
+"""Test a run's best checkpoint with the test protocol (the hypernetwork alone for HyperMAML).
 
-`python launch/evaluate.py --run runs/cub5 --episodes 600 --seeds 5` prints each seed's
-accuracy ± 95% CI and the mean ± std of the seed means; writes RUN/evaluate.json.
+`python launch/evaluate.py --run runs/cub5 --episodes 600 --repeats 5` tests 5 independent lists
+of 600 episodes and prints each one's accuracy ± 95 % CI and the mean ± std of the five means (the
+paper's ±); writes RUN/evaluate.json. Defaults: the run's eval.test_episodes and eval.test_repeats.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import json
 import sys
 
-from hmaml.errors import one_line_errors
+from hmaml.errors import HmamlError, one_line_errors
 
 
 @one_line_errors
@@ -19,18 +20,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run directory (runs/<name>)")
     parser.add_argument("--episodes", type=int, default=None,
-                        help="test episodes per seed (default: the run's eval.test_episodes)")
-    parser.add_argument("--seeds", type=int, default=1, help="number of episode lists")
+                        help="test episodes per list (default: the run's eval.test_episodes)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="independent episode lists (default: the run's eval.test_repeats)")
     args = parser.parse_args(argv)
-    from hmaml.evaluate import evaluate_run
+    for flag in ("episodes", "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise HmamlError(f"--{flag}={getattr(args, flag)} must be at least 1")
+    from hmaml.train.protocol import evaluate_run
 
-    summary = evaluate_run(args.run, args.episodes, args.seeds)
-    for row in summary["per_seed"]:
-        print(f"seed {row['seed']}: {row['acc']:.2f} ± {row['ci95']:.2f} % "
-              f"({row['episodes']} episodes)")
-    print(f"{summary['run_dir']} (best epoch {summary['best_epoch']}): "
-          f"{summary['mean']:.2f} ± {summary['std']:.2f} % over {args.seeds} seed(s)")
-    print(json.dumps({"mean": summary["mean"], "std": summary["std"]}))
+    summary = evaluate_run(args.run, args.episodes, args.repeats)
+    for i, row in enumerate(summary["test_repeats"]):
+        print(f"repeat {i + 1}: {row['acc']:.2f} ± {row['ci95']:.2f} % "
+              f"({summary['test_episodes']} episodes)")
+    print(f"{summary['run_dir']}:", *summary["lines"], sep="\n")
+    print(json.dumps({"mean": summary["test_acc"], "std": summary["test_std"],
+                      "tested_p": summary["tested_p"]}))
     return 0
 
 

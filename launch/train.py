@@ -17,6 +17,7 @@ from dataclasses import replace
 from hmaml.config import load_config
 from hmaml.errors import one_line_errors
 from hmaml.train.plan import dry_run, launch_from_env, launch_from_file
+from hmaml.train.rundir import Status
 
 
 @one_line_errors
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from hmaml.train.loop import train
 
     result = train(cfg)
-    if result["status"] == "preempted":
-        print(f"stopped at epoch {result['epoch']}; checkpoint in {result['run_dir']} "
+    if result.status == Status.PREEMPTED:
+        print(f"stopped at epoch {result.epoch}; checkpoint in {result.run_dir} "
               "(re-run the same command to resume)")
     return 0
 

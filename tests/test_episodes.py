@@ -252,6 +252,12 @@ def test_eval_episodes_fixed_and_splittable(pack: Path) -> None:
                                        n_episodes=10, seed=7)
     assert specs != eval_episodes(manifest, "val", n_way=5, n_shot=1, n_query=4, n_episodes=30,
                                   seed=8)
+    # the test protocol's repeats, and another split of the same shape: independent lists
+    assert specs != eval_episodes(manifest, "val", n_way=5, n_shot=1, n_query=4, n_episodes=30,
+                                  seed=7, repeat=1)
+    renamed = {**manifest, "splits": {**manifest["splits"], "test": manifest["splits"]["val"]}}
+    assert [s.classes for s in specs] != [s.classes for s in eval_episodes(
+        renamed, "test", n_way=5, n_shot=1, n_query=4, n_episodes=30, seed=7)]
     for spec in specs:
         assert len(set(spec.classes)) == 5
         assert all(len(set(idx)) == 5 and max(idx) < 20 for idx in spec.images)

@@ -121,12 +121,50 @@ def test_zero_hypernetwork_output_leaves_theta_unchanged() -> None:
     assert out.weight_update_norm.abs().max() == 0 and out.bias_update_norm.abs().max() == 0
 
 
-def test_hypermaml_at_p0_adapts_without_any_gradient() -> None:
+def test_hypermaml_at_p0_adapts_without_any_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At p = 0 neither the MAML path runs (spied) nor can autograd (inference mode)."""
+    import hmaml.methods.hypermaml as hypermaml
+
     batch = random_tasks()
-    model = build("hypermaml", switch=False)
+    model = build("hypermaml", warmup_start=0, warmup_len=4)
+    calls = []
+    real = hypermaml.sgd_head_steps
+    monkeypatch.setattr(hypermaml, "sgd_head_steps",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.set_epoch(1)  # p = 0.8: the spy sees the MAML path
+    model(batch)
+    assert calls == [1]
+    model.set_epoch(4)  # p = 0
     with torch.inference_mode():  # autograd cannot run here at all
         out = model(batch)
+    assert calls == [1] and model.p == 0.0
     assert out.logits.shape == (3, 12, 4) and torch.isfinite(out.loss)
+
+
+def test_the_enhancement_reads_theta_without_gradient() -> None:
+    """The hypernetwork's input holds softmax(theta(embedding)) of the universal theta (not of
+    adapted weights), and theta's gradient comes through theta' = theta + Delta alone: with the
+    no_grad removed, or adapted weights fed in, these equalities fail."""
+    batch = random_tasks(dtype=torch.float64)
+    model = build("hypermaml", switch=False).double()
+    seen = {}
+    model.hypernet.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    out = model(batch)
+    support, query = model.embed(batch)
+    onehot = one_hot(batch.support_y, 4, support.dtype)
+    w, b = model.head.expand(batch.num_tasks)
+    pred = torch.softmax(linear_logits(support, w, b), -1)
+    expected = onehot.transpose(1, 2) @ torch.cat([support, pred, onehot], -1)
+    expected = expected / onehot.sum(1).unsqueeze(-1)
+    torch.testing.assert_close(seen["x"], expected)
+    grad = torch.autograd.grad(out.loss, model.head.weight)[0]
+    dw, db = (d.detach() for d in model.delta(support, onehot))
+    theta = model.head.weight
+    direct = F.cross_entropy(
+        linear_logits(query.detach(), theta.expand(3, -1, -1) + dw,
+                      model.head.bias.expand(3, -1) + db).flatten(0, 1),
+        batch.query_y.flatten(), reduction="none").view(3, -1).mean(1).mean()
+    torch.testing.assert_close(grad, torch.autograd.grad(direct, theta)[0])
 
 
 def test_a_class_update_depends_on_its_own_support_only() -> None:
@@ -193,24 +231,62 @@ def test_batched_tasks_equal_tasks_run_one_by_one(name: str, kwargs: dict) -> No
         torch.testing.assert_close(g, sum(parts))
 
 
-@pytest.mark.parametrize(("epoch", "expected"), [(49, 1.0), (50, 1.0), (300, 0.5), (550, 0.0),
-                                                 (0, 1.0), (10_000, 0.0), (175, 0.75)])
-def test_warmup_switch_schedule(epoch: int, expected: float) -> None:
+@pytest.mark.parametrize(("epoch", "expected"), [
+    (0, 1.0), (49, 1.0),  # W - 1: pure MAML
+    (50, 500 / 501),  # W: the switch has begun (no extra pure-MAML epoch)
+    (299, 251 / 501), (549, 1 / 501),  # W + S - 1: the last mixed epoch
+    (550, 0.0), (10_000, 0.0)])  # W + S: the hypernetwork alone
+def test_warmup_switch_schedule_is_the_authors(epoch: int, expected: float) -> None:
     assert maml_weight(epoch, 50, 500) == pytest.approx(expected)
+    assert maml_weight(3, 0, 0) == 0.0 and maml_weight(0, 2, 0) == 1.0
 
 
-def test_switch_mixes_maml_and_hypernetwork_updates_linearly() -> None:
+def test_switch_end_points_are_maml_head_and_theta_plus_delta() -> None:
+    """At p = 1 HyperMAML's logits are MAML-head's (same theta, steps and rate); at p = 0 they
+    are those of theta + Delta; in between, the linear mix. Swapping the roles fails."""
     batch = random_tasks(dtype=torch.float64)
-    model = build("hypermaml", warmup_start=0, warmup_len=4, inner_steps=2,
+    model = build("hypermaml", warmup_start=1, warmup_len=3, inner_steps=2,
                   inner_lr=0.3).double()
-    logits = {}
-    for epoch in (0, 2, 4):  # p = 1, 0.5, 0
-        model.set_epoch(epoch)
-        logits[epoch] = model(batch).logits
-    torch.testing.assert_close(logits[2], 0.5 * (logits[0] + logits[4]))
+    maml = build("maml", inner_steps=2, inner_lr=0.3).double()
+    maml.load_state_dict({k: v for k, v in model.state_dict().items()
+                          if not k.startswith("hypernet")})
+    model.set_epoch(0)
+    assert model.p == 1.0
+    torch.testing.assert_close(model(batch).logits, maml(batch).logits)
+    model.set_epoch(4)
+    assert model.p == 0.0
+    support, query = model.embed(batch)
+    dw, db = model.delta(support, one_hot(batch.support_y, 4, support.dtype))
+    w, b = model.head.expand(batch.num_tasks)
+    hyper = linear_logits(query, w + dw, b + db)
+    torch.testing.assert_close(model(batch).logits, hyper)
+    model.set_epoch(2)  # p = (3 + 1 - 2) / 4 = 0.5
+    torch.testing.assert_close(model(batch).logits, 0.5 * (maml(batch).logits + hyper))
     model.switch = False
     model.set_epoch(0)
     assert model.p == 0.0
+
+
+def test_the_hypernetwork_rests_while_p_is_1_and_is_tested_alone() -> None:
+    model = build("hypermaml", warmup_start=2, warmup_len=2)
+    model.set_epoch(1)
+    assert {id(p) for p in model.resting_parameters()} == {id(p) for p in
+                                                          model.hypernet.parameters()}
+    model.set_epoch(2)
+    assert model.resting_parameters() == []
+    model.set_epoch(0)
+    model.set_tested()
+    assert model.p == 0.0 and build("maml").resting_parameters() == []
+
+
+def test_protonet_logits_are_negative_squared_distances_to_the_prototypes() -> None:
+    batch = random_tasks(shot=3, dtype=torch.float64)
+    model = build("protonet").double()
+    support, query = model.embed(batch)
+    for t in range(batch.num_tasks):
+        protos = torch.stack([support[t][batch.support_y[t] == c].mean(0) for c in range(4)])
+        expected = -((query[t][:, None, :] - protos[None]) ** 2).sum(-1)
+        torch.testing.assert_close(model(batch).logits[t], expected)
 
 
 @pytest.mark.parametrize(("mutate", "message"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from hmaml.errors import HmamlError
 from hmaml.models import ENCODERS, build_encoder
@@ -42,6 +43,25 @@ def test_batchnorm_uses_batch_statistics_of_the_group() -> None:
     torch.testing.assert_close(y.mean(dim=(1, 3, 4)), torch.zeros(2, 2), atol=1e-5, rtol=0)
     torch.testing.assert_close(y.var(dim=(1, 3, 4), correction=0), torch.ones(2, 2),
                                atol=1e-3, rtol=0)
+
+
+def test_batchnorm_equals_torch_batch_norm_per_group_with_affine_and_split() -> None:
+    """Tasks of 7 examples cut 3 + 4 (support / query), non-trivial weight and bias: each
+    group equals F.batch_norm run on that group alone (training mode, batch statistics)."""
+    from hmaml.models.norm import Groups, TaskBatchNorm2d
+
+    bn = TaskBatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -2.0, 3.0]))
+        bn.bias.copy_(torch.tensor([1.0, 0.0, -4.0]))
+    x = (torch.randn(2 * 7, 3, 4, 4, dtype=torch.float64) * 3 + 5).contiguous(
+        memory_format=torch.channels_last)
+    y = bn(x, Groups(tasks=2, split=3))
+    for t in range(2):
+        for rows in (slice(7 * t, 7 * t + 3), slice(7 * t + 3, 7 * t + 7)):
+            expected = F.batch_norm(x[rows], None, None, bn.weight, bn.bias, training=True,
+                                    eps=bn.eps)
+            torch.testing.assert_close(y[rows], expected)
 
 
 def test_unknown_encoder_is_named() -> None:

@@ -23,6 +23,7 @@ from hmaml.sweep import (
     summarize,
 )
 from hmaml.sweep.signals import PreemptionGuard
+from hmaml.train.rundir import RunDir, Status
 from tests.sweep_fixtures import fake_slurm, write_sweep
 from tests.train_fixtures import ROOT, tiny_pack
 
@@ -345,8 +346,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_pack: Path) -> 
     folder = tmp_path_factory.mktemp("uninterrupted")
     result = TrialJob(load_sweep(write_sweep(folder, {"seeds": [5]}, pack=tiny_pack))
                       .trials[0].cfg)()
-    assert result["status"] == "finished"
-    return result
+    assert result.status == Status.FINISHED and result.test is not None
+    return result.test
 
 
 @pytest.mark.parametrize(("grace_s", "deaf"), [(60.0, False), (0.01, True)],
@@ -373,8 +374,9 @@ def test_preempted_trial_requeues_and_resumes_to_the_same_result(
     assert progress["status"] == ("running" if deaf else "preempted")
     assert signal.getsignal(signal.SIGUSR2) is fake_submitit  # handed back
 
-    resumed = requeued.result()
-    assert resumed["status"] == "finished" and resumed["epoch"] == cfg.train.epochs
+    result = requeued.result()
+    assert result.status == Status.FINISHED and result.epoch == cfg.train.epochs
+    resumed = result.test
     assert resumed["test_acc"] == pytest.approx(uninterrupted["test_acc"], abs=1e-9)
     assert resumed["best_val_acc"] == pytest.approx(uninterrupted["best_val_acc"], abs=1e-9)
     assert json.loads((run_dir / "trial.json").read_text())["state"] == "finished"
@@ -393,7 +395,7 @@ def test_status_reads_states_from_run_directories(tmp_path: Path,
         run_dir.mkdir(parents=True)
         (run_dir / "progress.json").write_text(json.dumps(
             {"epoch": 1, "epochs": 2, "best_val_acc": 41.5, "status": state}))
-    write_trial_state(dirs[3], "failed", "RuntimeError: boom")
+    write_trial_state(RunDir(dirs[3]), "failed", "RuntimeError: boom")
     table, rows = status_table(tmp_path / "out")
     assert [r["state"] for r in rows] == ["pending", "running", "preempted", "failed"]
     assert rows[3]["error"] == "RuntimeError: boom"

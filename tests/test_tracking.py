@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from hmaml.config import flatten, load_config
+from hmaml.train.rundir import RunDir
 from hmaml.train.tracking import (
-    RUN_ID_FILE,
     NullTracker,
     Tracker,
     lr_drops,
@@ -63,7 +63,7 @@ def test_logged_run_reads_back_and_resume_continues_it(store: Path, tmp_path: Pa
         plot_learning_curve(HISTORY, artifact)
         tracker.log_artifact(artifact, "plots")
         tracker.end("FINISHED")
-    assert run_id and (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+    assert run_id and RunDir(run_dir).mlflow_run_id.read_text().strip() == run_id
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)

@@ -22,9 +22,10 @@ from tests.train_fixtures import (
     tiny_config,
     tiny_pack,
     train_command,
+    uninterrupted,
 )
 
-__all__ = ["tiny_pack"]  # the fixture, re-exported for pytest
+__all__ = ["tiny_pack", "uninterrupted"]  # the fixture, re-exported for pytest
 
 
 @pytest.mark.parametrize(("method", "accum", "worlds"), [
@@ -81,24 +82,18 @@ def _wait_for(path: Path, predicate, proc: subprocess.Popen, timeout: float = 12
     raise AssertionError(f"{path} never satisfied the condition")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "straight"
-    proc = run(train_command(tiny_pack, run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
 def test_a_run_leaves_its_results(uninterrupted: Path) -> None:
     result = json.loads((uninterrupted / "test.json").read_text())
     assert result["status"] == "finished" and result["test_episodes"] == 8
     assert 0 <= result["test_acc"] <= 100 and result["test_ci"] >= 0
-    accuracies = json.loads((uninterrupted / "test_accuracies.json").read_text())["accuracies"]
-    assert len(accuracies) == 8
+    repeats = json.loads((uninterrupted / "test_accuracies.json").read_text())["repeats"]
+    assert [len(r) for r in repeats] == [8]
+    assert result["tested_p"] == 0.0 and result["reached_p0"] and result["test_std"] == 0.0
     history = [json.loads(line) for line in (uninterrupted / "history.jsonl").read_text()
                .splitlines()]
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert [row["p"] for row in history] == [1.0, 1.0, 0.0]  # W=1, S=1
+    assert [row["p"] for row in history] == [1.0, 0.5, 0.0]  # W=1, S=1: p(W) = S/(S+1)
+    assert result["best_epoch"] == 3 and result["best_epoch_p"] == 0.0  # the only p = 0 epoch
     assert [row["lr"] for row in history] == pytest.approx([1e-2, 1e-2, 3e-3])
     assert (uninterrupted / "learning_curve.png").stat().st_size > 5000
 
@@ -150,10 +145,16 @@ def test_sigterm_checkpoints_mid_epoch_exits_0_and_resumes_exactly(
         torch.testing.assert_close(found[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_a_checkpoint_of_another_config_is_refused(tiny_pack: Path, uninterrupted: Path) -> None:
+def test_a_checkpoint_of_another_config_is_refused(tiny_pack: Path, uninterrupted: Path,
+                                                   tmp_path: Path) -> None:
     cfg = tiny_config(tiny_pack, uninterrupted, **{"method.hn_width": 64})
-    with pytest.raises(HmamlError, match=r"incompatible config.*method\.hn_width: 32 -> 64"):
+    with pytest.raises(HmamlError, match=r"made by another config: method\.hn_width 32 -> 64"):
         train(cfg)
+    moved = tmp_path / "moved"  # a folder copied elsewhere: the checkpoint still guards shapes
+    moved.mkdir()
+    (moved / "checkpoint.pt").write_bytes((uninterrupted / "checkpoint.pt").read_bytes())
+    with pytest.raises(HmamlError, match=r"incompatible config.*method\.hn_width: 32 -> 64"):
+        train(tiny_config(tiny_pack, moved, **{"method.hn_width": 64}))
 
 
 def test_bad_configs_get_one_line_errors(tiny_pack: Path, tmp_path: Path) -> None:
@@ -174,17 +175,19 @@ def test_milestone_tags() -> None:
     assert milestones(cfg, 549) == {"milestone.switch_end": 550, "milestone.lr_drop_2": 550}
 
 
-def test_evaluate_reproduces_the_test_and_summarises_seeds(uninterrupted: Path) -> None:
+def test_evaluate_reproduces_the_test_and_reports_repeats(uninterrupted: Path) -> None:
     proc = run([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--run",
-                str(uninterrupted), "--seeds", "2"])
+                str(uninterrupted), "--repeats", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((uninterrupted / "evaluate.json").read_text())
     test = json.loads((uninterrupted / "test.json").read_text())
-    assert summary["per_seed"][0]["acc"] == pytest.approx(test["test_acc"])  # same episodes
-    means = [row["acc"] for row in summary["per_seed"]]
-    assert summary["mean"] == pytest.approx(sum(means) / 2)
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["std"] == pytest.approx(
-        abs(means[0] - means[1]) / 2)
+    means = [row["acc"] for row in summary["test_repeats"]]
+    assert means[0] == pytest.approx(test["test_acc"])  # repeat 1 is the training's test
+    assert summary["test_acc"] == pytest.approx(sum(means) / 2) and means[0] != means[1]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "mean": pytest.approx(sum(means) / 2), "std": pytest.approx(abs(means[0] - means[1]) / 2),
+        "tested_p": 0.0}
+    assert "mean ± std over 2 repeats of 8 episodes" in proc.stdout
 
 
 def test_bf16_mixed_precision_trains(tiny_pack: Path, tmp_path: Path) -> None:

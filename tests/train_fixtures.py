@@ -23,6 +23,15 @@ def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny quickstart run (once per test module)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    proc = run(train_command(tiny_pack, run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 def tiny_overrides(pack: Path, run_dir: Path, **extra: object) -> list[str]:
     """Overrides that make quickstart train in seconds; ``extra`` adds or replaces keys."""
     values: dict[str, object] = {

@@ -25,6 +25,7 @@ class partitioning avoided here) and fail when workers outnumber shards.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -454,16 +455,24 @@ class EpisodeSpec:
     images: tuple[tuple[int, ...], ...]
 
 
+def split_key(split: str) -> int:
+    """A stable integer for a split name: validation and test lists get independent seeds."""
+    return zlib.crc32(split.encode())
+
+
 def eval_episodes(manifest: dict[str, Any], split: str, *, n_way: int, n_shot: int,
-                  n_query: int, n_episodes: int, seed: int) -> list[EpisodeSpec]:
-    """The fixed evaluation episodes of a split: a function of the manifest's class counts and
-    ``seed`` only. Episode ``e`` has its own seed (seed, e), so any prefix of a longer list is the
-    shorter list and each episode can be rebuilt alone."""
+                  n_query: int, n_episodes: int, seed: int, repeat: int = 0
+                  ) -> list[EpisodeSpec]:
+    """The fixed evaluation episodes of a split: a function of the manifest's class counts,
+    ``seed``, the split's name and ``repeat`` (the test protocol's independent lists) only.
+    Episode ``e`` has its own seed, so any prefix of a longer list is the shorter list and each
+    episode can be rebuilt alone."""
     info = split_info(manifest, split)
     check_episode_shape(info, n_way, n_shot, n_query)
     specs = []
     for e in range(n_episodes):
-        rng = np.random.Generator(np.random.PCG64(derive_seed(_EVAL, seed, e)))
+        rng = np.random.Generator(np.random.PCG64(
+            derive_seed(_EVAL, seed, split_key(split), repeat, e)))
         classes = rng.choice(len(info.names), n_way, replace=False)
         images = tuple(tuple(int(i) for i in rng.choice(int(info.counts[c]), n_shot + n_query,
                                                         replace=False)) for c in classes)
@@ -486,14 +495,15 @@ class EvalLoader:
     def __init__(self, pack_dir: str | Path, split: str, *, n_way: int, n_shot: int,
                  n_query: int, n_episodes: int = 600, seed: int = 0, rank: int = 0,
                  world_size: int = 1, tasks_per_batch: int = 32,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, repeat: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise HmamlError(f"rank={rank} must lie in 0..world_size-1 (world_size={world_size})")
         if tasks_per_batch < 1:
             raise HmamlError(f"tasks_per_batch={tasks_per_batch} must be at least 1")
         manifest = read_manifest(pack_dir)
         self.specs = eval_episodes(manifest, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
-                                   n_episodes=n_episodes, seed=seed)[rank::world_size]
+                                   n_episodes=n_episodes, seed=seed,
+                                   repeat=repeat)[rank::world_size]
         self.info, self.classes = load_split(pack_dir, split)
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.tasks_per_batch = tasks_per_batch
@@ -515,8 +525,9 @@ class EvalLoader:
 
 def eval_loader(pack_dir: str | Path, split: str, *, n_way: int, n_shot: int, n_query: int,
                 n_episodes: int = 600, seed: int = 0, rank: int = 0, world_size: int = 1,
-                tasks_per_batch: int = 32, image_size: int | None = None) -> EvalLoader:
+                tasks_per_batch: int = 32, image_size: int | None = None,
+                repeat: int = 0) -> EvalLoader:
     """This rank's :class:`EvalLoader` (see there)."""
     return EvalLoader(pack_dir, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
                       n_episodes=n_episodes, seed=seed, rank=rank, world_size=world_size,
-                      tasks_per_batch=tasks_per_batch, image_size=image_size)
+                      tasks_per_batch=tasks_per_batch, image_size=image_size, repeat=repeat)

@@ -59,6 +59,14 @@ class Method(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Hook for epoch-dependent behaviour (HyperMAML's warm-up switch)."""
 
+    def set_tested(self) -> None:
+        """Put the method in the state it is tested in (HyperMAML: the hypernetwork alone)."""
+
+    def resting_parameters(self) -> list[nn.Parameter]:
+        """Parameters that must not move this epoch: the optimizer gets their gradient as None,
+        so Adam keeps no state for them (HyperMAML's hypernetwork while p = 1)."""
+        return []
+
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Support and query embeddings from one encoder pass, normalised separately per task."""
         n_support = batch.support_x.shape[1]

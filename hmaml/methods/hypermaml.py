@@ -7,9 +7,11 @@ shared by all classes, so a class's update depends on its own support examples o
 classified by theta' = theta + Delta-theta and never sees the enhancement.
 
 Warm-up (the paper's eq. 7, "switch"): theta' = theta - p·alpha·ΣGrad + (1 - p)·Delta-theta, where
-p falls linearly from 1 to 0 over ``warmup_len`` epochs starting at ``warmup_start``; the gradient
-steps are taken at the current adapted weights and Delta-theta is added once. When p = 0, adapting
-to a task computes no gradient at all.
+p falls linearly from 1 to 0 over ``warmup_len`` (S) epochs starting at ``warmup_start`` (W), as the
+authors' code computes it: p = (S + W - e) / (S + 1) for W <= e < W + S; the gradient steps are
+taken at the current adapted weights and Delta-theta is added once. While p = 1 the hypernetwork
+rests (its gradient is None at the optimizer step, so Adam's state for it starts at the switch).
+When p = 0, adapting to a task computes no gradient at all; the method is always tested so.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from hmaml.tasks import TaskBatch
 
 
 def maml_weight(epoch: int, start: int, length: int) -> float:
-    """p(epoch): 1 before ``start``, linear to 0 over ``length`` epochs, 0 from ``start+length``."""
+    """p(epoch) of the authors' code: 1 before W = ``start``, then (S + W - e) / (S + 1) for the
+    S = ``length`` epochs W..W+S-1 (S/(S+1) down to 1/(S+1)), 0 from W + S (0-based epochs)."""
     if epoch < start:
         return 1.0
-    if length <= 0 or epoch >= start + length:
+    if epoch >= start + length:
         return 0.0
-    return 1.0 - (epoch - start) / length
+    return (length + start - epoch) / (length + 1)
 
 
 class HyperNetwork(nn.Module):
@@ -83,6 +86,12 @@ class HyperMAML(Method):
     def set_epoch(self, epoch: int) -> None:
         self.p = maml_weight(epoch, self.warmup_start, self.warmup_len) if self.switch else 0.0
 
+    def set_tested(self) -> None:
+        self.p = 0.0
+
+    def resting_parameters(self) -> list[nn.Parameter]:
+        return list(self.hypernet.parameters()) if self.p == 1.0 else []
+
     def delta(self, support: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor]:
         """The hypernetwork's update: Delta-W ``[T, N, D]`` and Delta-b ``[T, N]``."""
         inputs = support
@@ -102,7 +111,8 @@ class HyperMAML(Method):
         delta_w, delta_b = self.delta(support, onehot)
         p = self.p
         # The hypernetwork term stays in the graph even at p = 1 (times zero) so that every
-        # parameter receives a gradient and DDP needs no unused-parameter search.
+        # parameter receives a gradient and DDP needs no unused-parameter search; the training
+        # step then drops the hypernetwork's (zero) gradients: see resting_parameters().
         weight, bias = weight0 + (1 - p) * delta_w, bias0 + (1 - p) * delta_b
         if p > 0:
             maml_w, maml_b = sgd_head_steps(support, onehot, weight0, bias0, self.inner_steps,

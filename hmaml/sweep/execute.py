@@ -18,10 +18,11 @@ from hmaml.config import override_text
 from hmaml.errors import HmamlError
 from hmaml.files import write_json_atomic
 from hmaml.sweep.job import TrialJob
-from hmaml.sweep.report import SWEEP_JSON, TRIAL_JSON, _read_json, summarize
+from hmaml.sweep.report import SWEEP_JSON, _read_json, summarize
 from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
 from hmaml.train.plan import make_plan
+from hmaml.train.rundir import RunDir, Status, TrainResult
 
 # submitit's LocalExecutor sends the timeout signal this long before its limit (not settable
 # through AutoExecutor).
@@ -167,9 +168,9 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     slurm_jobs = _slurm_jobs(old)
     todo, skipped = [], []
     for trial in sweep.trials:
-        run_dir = Path(trial.cfg.run_dir)
-        if (run_dir / "test.json").is_file() or still_running(
-                _read_json(run_dir / TRIAL_JSON), slurm_jobs.get(trial.name)):
+        rd = RunDir(trial.cfg.run_dir)
+        if rd.test.is_file() or still_running(rd.read_json(rd.trial),
+                                              slurm_jobs.get(trial.name)):
             skipped.append(trial.name)
         else:
             todo.append(trial)
@@ -229,9 +230,9 @@ def _run_debug(jobs: list[tuple[Trial, TrialJob]], echo: Callable[[str], None]
             out[trial.name] = "failed"
             echo(f"[{trial.name}] failed: {type(exc).__name__}: {_first_line(exc)}")
             continue
-        out[trial.name] = str(result.get("status"))
+        out[trial.name] = result.status.value
         echo(f"[{trial.name}] {_result_line(result)}")
-        if result.get("status") == "preempted":
+        if result.status == Status.PREEMPTED:
             echo("stop requested: the remaining trials are left for the next submission")
             break
     return out
@@ -296,9 +297,10 @@ def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder
     return out
 
 
-def _result_line(result: dict[str, Any]) -> str:
-    if result.get("status") != "finished":
-        return f"{result.get('status')} at epoch {result.get('epoch')}"
-    return (f"finished: test {result['test_acc']:.2f} ± {result['test_ci']:.2f} %, "
-            f"best val {result['best_val_acc']:.2f} %, {result['wall_s'] / 60:.1f} min")
+def _result_line(result: TrainResult) -> str:
+    test = result.test
+    if result.status != Status.FINISHED or test is None:
+        return f"{result.status.value} at epoch {result.epoch}"
+    return (f"finished: test {test['test_acc']:.2f} ± {test['test_ci']:.2f} %, "
+            f"best val {test['best_val_acc']:.2f} %, {test['wall_s'] / 60:.1f} min")
 

@@ -12,24 +12,23 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from hmaml.config import Config
 from hmaml.files import write_json_atomic
-from hmaml.sweep.report import TRIAL_JSON
 from hmaml.sweep.signals import PreemptionGuard, job_environment, restart_count
 from hmaml.sweep.spec import _first_line
+from hmaml.train.rundir import RunDir, TrainResult
 
 
-def write_trial_state(run_dir: Path, state: str, error: str | None = None) -> None:
+def write_trial_state(rd: RunDir, state: str, error: str | None = None) -> None:
     """Record what this job is doing with the trial in ``run_dir/trial.json`` (atomically).
 
     The record says where the trial runs (host, process, SLURM or local job) so that a later
     submission can ask whether that job is still alive (:func:`~hmaml.sweep.signals.still_running`).
     """
     env = job_environment()
-    write_json_atomic(run_dir / TRIAL_JSON, {
+    write_json_atomic(rd.trial, {
         "state": state, "cluster": env.cluster if env is not None else None,
         "job_id": env.job_id if env is not None else None, "host": socket.gethostname(),
         "pid": os.getpid(), "restarts": restart_count(), "time": time.time(),
@@ -63,7 +62,7 @@ class TrialJob:
         """The training loop's stop predicate (a seam for tests)."""
         return guard.requested()
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> TrainResult:
         # lazy: torch and Accelerate stay out of launch/sweep.py's --help, --status, --dry-run
         from hmaml.train.loop import train
 
@@ -74,9 +73,9 @@ class TrialJob:
             # the job's own ranks win over variables inherited from the submitting shell
             TorchDistributedEnvironment().export(overwrite=True)
         main = env is None or env.global_rank == 0
-        run_dir = Path(self.cfg.run_dir)
+        rd = RunDir(self.cfg.run_dir)
         if main:
-            write_trial_state(run_dir, "running")
+            write_trial_state(rd, "running")
         state, error = "preempted", None  # unless train returns or raises an error
         guard = PreemptionGuard(self.grace_s)
         try:
@@ -84,13 +83,13 @@ class TrialJob:
                 result = train(self.cfg, parent_run_id=self.parent_run_id,
                                stop_requested=lambda: self.stop_requested(guard),
                                tags=self.tags)
-            state = str(result.get("status", "finished"))
+            state = result.status.value
         except Exception as exc:
             state, error = "failed", f"{type(exc).__name__}: {_first_line(exc)}"
             raise
         finally:  # also after submitit's own requeue exit (SystemExit) or Ctrl-C: resumable
             if main:
-                write_trial_state(run_dir, state, error)
+                write_trial_state(rd, state, error)
         if state == "preempted":
             guard.hand_over()  # after submitit's signal: checkpoint(), requeue, exit
         return result

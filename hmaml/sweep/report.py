@@ -13,9 +13,9 @@ from typing import Any
 from hmaml.config import override_text
 from hmaml.errors import HmamlError
 from hmaml.sweep.spec import _name_value
+from hmaml.train.rundir import RunDir
 
 SWEEP_JSON = "sweep.json"
-TRIAL_JSON = "trial.json"  # written by the job: running / preempted / failed / finished
 STATES = ("pending", "running", "preempted", "finished", "failed")
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png")
 
@@ -36,25 +36,30 @@ def read_sweep_json(sweep_dir: str | Path) -> dict[str, Any]:
 
 def trial_state(run_dir: str | Path) -> dict[str, Any]:
     """State, epoch, epochs, best val and test accuracy of one trial, from its run directory."""
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     out: dict[str, Any] = {"state": "pending", "epoch": None, "epochs": None,
                            "best_val_acc": None, "test_acc": None, "test_ci": None,
                            "error": None}
-    progress = _read_json(run_dir / "progress.json")
+    progress = rd.read_json(rd.progress)
     if progress:
         out.update(epoch=progress.get("epoch"), epochs=progress.get("epochs"),
                    best_val_acc=progress.get("best_val_acc"))
         if progress.get("status") in STATES:
             out["state"] = progress["status"]
-    marker = _read_json(run_dir / TRIAL_JSON)
+    marker = rd.read_json(rd.trial)  # written by the job: running, preempted, failed, …
     if marker and marker.get("state") in STATES:
         out["state"] = marker["state"]
         out["error"] = marker.get("error")
-    test = _read_json(run_dir / "test.json")
+    test = rd.read_json(rd.test)
     if test:
         out.update(state="finished", test_acc=test.get("test_acc"), test_ci=test.get("test_ci"),
                    best_val_acc=test.get("best_val_acc", out["best_val_acc"]))
     return out
+
+
+def _test_of(record: dict[str, Any]) -> dict[str, Any] | None:
+    rd = RunDir(record["run_dir"])
+    return rd.read_json(rd.test)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -113,7 +118,7 @@ def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]
         group = groups.setdefault(json.dumps(point, sort_keys=True),
                                   {"point": point, "total": 0, "results": []})
         group["total"] += 1
-        test = _read_json(Path(record["run_dir"]) / "test.json")
+        test = _test_of(record)
         if test and test.get("test_acc") is not None:
             group["results"].append(test)
     rows = []
@@ -160,7 +165,7 @@ def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dic
     md = [f"# {head}", "", _markdown(table), "", "## Trials", ""]
     trial_rows = [["trial", "state", "test acc (%)", "± 95% CI", "best val (%)"]]
     for record, state in zip(info["trials"], states, strict=True):
-        test = _read_json(Path(record["run_dir"]) / "test.json") or {}
+        test = _test_of(record) or {}
         trial_rows.append([record["name"], state, _num(test.get("test_acc")),
                            _num(test.get("test_ci")), _num(test.get("best_val_acc"))])
     md.append(_markdown(trial_rows))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,28 +35,29 @@ import torch
 from tqdm.auto import tqdm
 
 from hmaml.config import Config, fingerprint, to_yaml
-from hmaml.data.episodes import EvalLoader, eval_loader, train_loader
-from hmaml.data.format import MANIFEST_NAME, read_manifest
+from hmaml.data.episodes import train_loader
+from hmaml.data.format import MANIFEST_NAME
 from hmaml.errors import HmamlError
-from hmaml.evaluate import EvalResult, evaluate
+from hmaml.evaluate import evaluate
 from hmaml.files import write_json_atomic
-from hmaml.methods import Method, build_method
-from hmaml.models import build_encoder
+from hmaml.methods import Method
 from hmaml.tasks import TaskBatch
+from hmaml.train.build import build_model, episodes_of, open_packs
 from hmaml.train.checkpoint import (
     capture_rng,
     load_checkpoint,
     load_model_state,
-    restore_best,
     restore_rng,
     save_checkpoint,
 )
 from hmaml.train.plan import Plan, make_plan
+from hmaml.train.protocol import TestReport, test_best
+from hmaml.train.rundir import RunDir, Status, TrainResult
 from hmaml.train.tracking import make_tracker, plot_learning_curve
 
-CHECKPOINT, BEST, TEST, PROGRESS, HISTORY = ("checkpoint.pt", "best.pt", "test.json",
-                                             "progress.json", "history.jsonl")
-ZERO_PREFIX = "zero-state-"  # DeepSpeed's per-rank optimizer partitions, one folder per position
+
+class NonFiniteError(HmamlError):
+    """Training produced a NaN or inf; the last checkpoint written stays the last finite one."""
 
 
 def deepspeed_requested() -> bool:
@@ -128,18 +130,22 @@ def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float | None) ->
 
 def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: list[TaskBatch], weights: list[float],
-                   max_grad_norm: float | None = None) -> dict[str, float]:
-    """One meta-update from this rank's micro-batches; returns this rank's loss and acc sums.
+                   max_grad_norm: float | None = None) -> tuple[dict[str, float], str | None]:
+    """One meta-update from this rank's micro-batches: this rank's loss and acc sums, and what
+    went non-finite (``"loss"``, ``"gradient norm"``) if anything did, in which case nothing
+    was stepped.
 
     ``weights[i]`` multiplies every task loss of micro-batch i: ``W / M`` for the step's M tasks
     on W ranks (DDP then averages over ranks), 0 for a padding micro-batch, whose tasks count
-    in no metric. Under DeepSpeed the last backward is the accumulation boundary, where
-    DeepSpeed clips and steps.
+    in no metric. The gradient norm is the same on every rank after the all-reduce, so all ranks
+    agree on a non-finite step; DeepSpeed steps inside the last backward, so there the ranks
+    agree on the losses before it. Under fp16 the loss scaler owns gradient overflow.
     """
     from accelerate import DistributedType
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    loss_sum = acc_sum = w_sum = b_sum = tasks = 0.0
+    sums = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0}
+    finite = True
     optimizer.zero_grad(set_to_none=True)
     for i, (batch, weight) in enumerate(zip(micro_batches, weights, strict=True)):
         last = i == len(micro_batches) - 1
@@ -149,21 +155,35 @@ def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.O
         with sync:
             with accelerator.autocast():
                 out = model(batch)
+            finite = finite and bool(torch.isfinite(out.task_loss.detach()).all())
+            if deepspeed and last and not agree(accelerator, finite):
+                return sums, "loss"
             accelerator.backward(out.task_loss.sum() * weight)
         if weight == 0.0:
             continue
-        tasks += batch.num_tasks
-        loss_sum += float(out.task_loss.detach().sum())
-        acc_sum += float(out.accuracy(batch.query_y).sum())
+        sums["tasks"] += batch.num_tasks
+        sums["loss"] += float(out.task_loss.detach().sum())
+        sums["acc"] += float(out.accuracy(batch.query_y).sum())
         if out.weight_update_norm is not None:
-            w_sum += float(out.weight_update_norm.sum())
-            b_sum += float(out.bias_update_norm.sum())
-    if not deepspeed:
-        if max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-    return {"loss": loss_sum, "acc": acc_sum, "weight_norm": w_sum, "bias_norm": b_sum,
-            "tasks": tasks}
+            sums["weight_norm"] += float(out.weight_update_norm.sum())
+            sums["bias_norm"] += float(out.bias_update_norm.sum())
+    if deepspeed:
+        return sums, None
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    if not finite or (accelerator.mixed_precision != "fp16" and not torch.isfinite(norm)):
+        return sums, "loss" if not finite else "gradient norm"
+    for param in accelerator.unwrap_model(model).resting_parameters():
+        param.grad = None  # reduced as zeros (no unused-parameter search), never stepped
+    optimizer.step()
+    return sums, None
+
+
+def agree(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (one tiny all-reduce)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() == 0)
 
 
 class StopFlag:
@@ -199,29 +219,20 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator, stop: StopFlag) -> None:
         self.cfg, self.acc, self.stop = cfg, accelerator, stop
-        self.run_dir = Path(cfg.run_dir)
+        self.rd = RunDir(cfg.run_dir)
         self.main = accelerator.is_main_process
         data, train = cfg.data, cfg.train
         self.world = accelerator.num_processes
         self.deepspeed = engine_name(accelerator).startswith("DeepSpeed")
+        if self.deepspeed and train.nonfinite == "skip":
+            raise HmamlError("train.nonfinite=skip cannot work under DeepSpeed (it steps inside "
+                             "the backward pass); use train.nonfinite=stop")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         self.plan = make_plan(cfg, self.world, nodes=max(self.world // local, 1),
                               engine=engine_name(accelerator))
         self.steps = self.plan.rank_steps(accelerator.process_index)
-        self.eval_pack = Path(data.eval_pack or data.train_pack)
-        self.train_manifest = read_manifest(data.train_pack)
-        self.eval_manifest = read_manifest(self.eval_pack)
-        for pack, manifest, splits in ((data.train_pack, self.train_manifest, [data.train_split]),
-                                       (self.eval_pack, self.eval_manifest,
-                                        [data.val_split, data.test_split])):
-            for split in splits:
-                if split not in manifest["splits"]:
-                    raise HmamlError(f"{pack}/{MANIFEST_NAME}: no split {split!r} (it has "
-                                     f"{', '.join(manifest['splits'])})")
-        image = self.train_manifest["image"]
-        torch.manual_seed(cfg.seed)
-        encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"])
-        self.method: Method = build_method(cfg.method, encoder, data.n_way)
+        self.packs = open_packs(cfg)
+        self.method: Method = build_model(cfg, self.packs)
         if self.deepspeed:  # DeepSpeed flattens parameters through views of contiguous memory
             for param in self.method.parameters():
                 param.data = param.data.contiguous()
@@ -230,7 +241,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(train.lr_milestones), gamma=train.lr_gamma)
         self.epoch, self.resume_step = 0, 0
-        self.best_val, self.best_epoch = -1.0, -1
+        self.best_val, self.best_epoch, self.best_p = -1.0, -1, 1.0
+        self.skipped_in_a_row = 0
         self.history: list[dict[str, Any]] = []
         self.tracker = make_tracker(cfg, self.main)
         zero_state = self._maybe_resume()
@@ -244,24 +256,17 @@ class Trainer:
             n_query=data.n_query, tasks_per_batch=1, episodes=train.episodes_per_epoch,
             seed=cfg.seed, rank=accelerator.process_index, world_size=self.world,
             epoch=self.epoch, workers=data.workers, augment=data.augment,
-            buffer_mb=data.buffer_mb, image_size=image["size"],
+            buffer_mb=data.buffer_mb, image_size=self.packs.image["size"],
             batches=[mb.tasks for step in self.steps for mb in step])
-        self.val_data = self._eval_loader(data.val_split, cfg.eval.val_episodes, data.n_query)
+        self.val_data = episodes_of(cfg, self.packs, data.val_split, cfg.eval.val_episodes,
+                                    data.n_query, rank=accelerator.process_index,
+                                    world=self.world)
 
-    # ------------------------------------------------------------------ setup helpers
-    def _eval_loader(self, split: str, episodes: int, n_query: int, seed_offset: int = 0
-                     ) -> EvalLoader:
-        cfg = self.cfg
-        return eval_loader(self.eval_pack, split, n_way=cfg.data.n_way, n_shot=cfg.data.n_shot,
-                           n_query=n_query, n_episodes=episodes, seed=cfg.eval.seed + seed_offset,
-                           rank=self.acc.process_index, world_size=self.world,
-                           tasks_per_batch=cfg.eval.tasks_per_batch,
-                           image_size=self.train_manifest["image"]["size"])
-
+    # ------------------------------------------------------------------ state on disk
     def _maybe_resume(self) -> Path | None:
         """Load the checkpoint if there is one; returns the DeepSpeed state folder to load
         after ``prepare`` (the optimizer partitions), if the checkpoint has one."""
-        path = self.run_dir / CHECKPOINT
+        path = self.rd.checkpoint
         if not path.is_file():
             return None
         state = load_checkpoint(path, fingerprint(self.cfg))
@@ -281,11 +286,28 @@ class Trainer:
         self.epoch = int(state["stream"]["epoch"])
         self.resume_step = int(state["stream"]["step"])
         self.best_val, self.best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
-        history = self.run_dir / HISTORY
-        if history.is_file():
-            rows = [json.loads(line) for line in history.read_text().splitlines() if line]
+        self.best_p = float(state.get("best_p", 1.0))
+        if self.rd.history.is_file():
+            rows = [json.loads(line) for line in self.rd.history.read_text().splitlines()
+                    if line]
             self.history = [row for row in rows if row["epoch"] < self.epoch]
-        return self.run_dir / zero if zero else None
+        return self.rd.path / zero if zero else None
+
+    def _state(self, epoch: int, step: int, *, full: bool, zero: str | None = None
+               ) -> dict[str, Any]:
+        """The contents of ``checkpoint.pt`` (``full``: optimizer, schedule, random state and
+        stream position to resume from) or of ``best.pt`` (weights and what selected them)."""
+        state: dict[str, Any] = {
+            "model": self.acc.unwrap_model(self.model).state_dict(),
+            "optimizer": {}, "scheduler": {}, "rng": {},
+            "stream": {"epoch": epoch, "step": step}, "epoch": epoch,
+            "best_val_acc": self.best_val, "best_epoch": self.best_epoch, "best_p": self.best_p,
+            "config_yaml": to_yaml(self.cfg), "fingerprint": fingerprint(self.cfg),
+            "zero_state": zero}
+        if full:
+            state.update(optimizer={} if self.deepspeed else self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(), rng=capture_rng())
+        return state
 
     def _save(self, epoch: int, step: int) -> None:
         """Checkpoint: the next thing to run is ``step`` of ``epoch``.
@@ -296,41 +318,31 @@ class Trainer:
         """
         zero = None
         if self.deepspeed:
-            zero = f"{ZERO_PREFIX}{epoch:06d}-{step:06d}"
-            self.acc.save_state(str(self.run_dir / zero))
+            zero = self.rd.zero_state(epoch, step)
+            self.acc.save_state(str(zero))
         self.acc.wait_for_everyone()
         if self.main:
-            save_checkpoint(self.run_dir / CHECKPOINT, {
-                "model": self.acc.unwrap_model(self.model).state_dict(),
-                "optimizer": {} if self.deepspeed else self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": capture_rng(),
-                "stream": {"epoch": epoch, "step": step},
-                "epoch": epoch,
-                "best_val_acc": self.best_val,
-                "best_epoch": self.best_epoch,
-                "config_yaml": to_yaml(self.cfg),
-                "fingerprint": fingerprint(self.cfg),
-                "zero_state": zero,
-            })
-            for old in self.run_dir.glob(f"{ZERO_PREFIX}*"):
-                if old.name != zero:
+            save_checkpoint(self.rd.checkpoint, self._state(
+                epoch, step, full=True, zero=zero.name if zero else None))
+            for old in self.rd.zero_states():
+                if zero is None or old != zero:
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
+
+    def _save_best(self, epoch: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.main:
+            save_checkpoint(self.rd.best, self._state(epoch + 1, 0, full=False))
 
     def stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: all ranks must stop at the same step, or the
         others would wait forever in the next all-reduce (SLURM signals may reach one rank)."""
-        if self.world == 1:
-            return self.stop()
-        flag = torch.tensor([float(self.stop())], device=self.acc.device)
-        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return not agree(self.acc, not self.stop())
 
-    def _progress(self, status: str) -> None:
+    def progress(self, status: Status, error: str | None = None) -> None:
         if self.main:
-            write_json_atomic(self.run_dir / PROGRESS, {
-                "epoch": self.epoch, "epochs": self.cfg.train.epochs, "status": status,
-                "best_val_acc": self.best_val if self.best_epoch >= 0 else None})
+            self.rd.write_progress(self.epoch, self.cfg.train.epochs, status,
+                                   self.best_val if self.best_epoch >= 0 else None, error)
 
     # ------------------------------------------------------------------ the loop
     def run_epoch(self, epoch: int, start_step: int) -> dict[str, float] | None:
@@ -338,7 +350,8 @@ class Trainer:
         method = self.acc.unwrap_model(self.model)
         method.set_epoch(epoch)
         self.train_data.dataset.set_epoch(epoch)
-        totals = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0}
+        totals = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0,
+                  "skipped_steps": 0.0}
         batches: Iterator[TaskBatch] = iter(self.train_data)
         bar = tqdm(total=len(self.steps), initial=start_step, disable=not self.main
                    or not self.cfg.train.progress, desc=f"epoch {epoch + 1}/"
@@ -349,11 +362,17 @@ class Trainer:
                 continue
             micro = [b.to(self.acc.device, non_blocking=True) for b in micro]
             weight = self.plan.weight(step)
-            metrics = optimizer_step(self.acc, self.model, self.optimizer, micro,
-                                     [0.0 if mb.padding else weight for mb in micro_plan],
-                                     self.cfg.train.max_grad_norm)
-            for key, value in metrics.items():
-                totals[key] += value
+            metrics, nonfinite = optimizer_step(
+                self.acc, self.model, self.optimizer, micro,
+                [0.0 if mb.padding else weight for mb in micro_plan],
+                self.cfg.train.max_grad_norm)
+            if nonfinite is not None:
+                self._nonfinite(epoch, step, nonfinite)
+                totals["skipped_steps"] += 1.0
+            else:
+                self.skipped_in_a_row = 0
+                for key, value in metrics.items():
+                    totals[key] += value
             bar.update(1)
             if metrics["tasks"]:
                 bar.set_postfix(loss=f"{metrics['loss'] / metrics['tasks']:.3f}",
@@ -366,55 +385,67 @@ class Trainer:
         reduced = self.acc.reduce(torch.tensor(list(totals.values()), dtype=torch.float64,
                                                device=self.acc.device), reduction="sum")
         totals = dict(zip(totals, reduced.tolist(), strict=True))
+        skipped = totals.pop("skipped_steps") / self.world  # every rank counted each one
         n = max(totals.pop("tasks"), 1.0)
         metrics = {f"train_{k}": v / n for k, v in totals.items()}
         metrics["train_acc"] *= 100.0  # percent, like every accuracy the run reports
+        if self.cfg.train.nonfinite == "skip":
+            metrics["train_skipped_steps"] = skipped
         return metrics | {"p": method_p(method)}
 
-    def fit(self) -> str:
-        """Train until the configured epochs are done or a stop arrives; 'finished'/'preempted'."""
+    def _nonfinite(self, epoch: int, step: int, what: str) -> None:
+        """Stop on a non-finite step (``train.nonfinite``: stop), or count it (skip) and stop
+        after ``train.nonfinite_patience`` in a row."""
+        train = self.cfg.train
+        where = f"epoch {epoch + 1}, step {step + 1}: the training {what} is not finite"
+        keep = (f"the last finite checkpoint, {self.rd.checkpoint}, is kept" if
+                self.rd.checkpoint.is_file() else "no checkpoint was written")
+        if train.nonfinite == "stop":
+            raise NonFiniteError(f"{where}; training stopped ({keep}); lower train.lr, set "
+                                 "train.max_grad_norm, or train.nonfinite=skip")
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= train.nonfinite_patience:
+            raise NonFiniteError(f"{where}, {self.skipped_in_a_row} steps in a row "
+                                 f"(train.nonfinite_patience={train.nonfinite_patience}); "
+                                 f"training stopped ({keep})")
+
+    def fit(self) -> Status:
+        """Train until the configured epochs are done or a stop arrives."""
         cfg = self.cfg
         while self.epoch < cfg.train.epochs:
             epoch, start = self.epoch, self.resume_step
             lr = self.optimizer.param_groups[0]["lr"]
             metrics = self.run_epoch(epoch, start)
             if metrics is None:
-                self._progress("preempted")
-                return "preempted"
+                self.progress(Status.PREEMPTED)
+                return Status.PREEMPTED
             self.scheduler.step()
             metrics["lr"] = lr
             if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
                 val = evaluate(self.model, self.val_data, self.acc)
                 metrics["val_acc"] = val.mean
                 metrics["val_ci95"] = val.ci95
-                if val.mean > self.best_val:
-                    self.best_val, self.best_epoch = val.mean, epoch
+                p = metrics["p"]
+                # once epochs with p = 0 exist, only they can be the best: the test is of the
+                # hypernetwork alone, so it is selected as such
+                if (p == 0.0, val.mean) > (self.best_p == 0.0, self.best_val):
+                    self.best_val, self.best_epoch, self.best_p = val.mean, epoch, p
                     self._save_best(epoch)
                     self.tracker.set_tags({"milestone.best_epoch": epoch + 1})
             self.epoch, self.resume_step = epoch + 1, 0
             self._record(epoch, metrics)
             self._save(self.epoch, 0)
-            self._progress("running")
+            self.progress(Status.RUNNING)
             if self.stop_agreed() and self.epoch < cfg.train.epochs:
-                self._progress("preempted")
-                return "preempted"
-        return "finished"
-
-    def _save_best(self, epoch: int) -> None:
-        self.acc.wait_for_everyone()
-        if self.main:
-            model = self.acc.unwrap_model(self.model)
-            save_checkpoint(self.run_dir / BEST, {
-                "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "rng": {},
-                "stream": {"epoch": epoch + 1, "step": 0}, "epoch": epoch + 1,
-                "best_val_acc": self.best_val, "best_epoch": epoch,
-                "config_yaml": to_yaml(self.cfg), "fingerprint": fingerprint(self.cfg)})
+                self.progress(Status.PREEMPTED)
+                return Status.PREEMPTED
+        return Status.FINISHED
 
     def _record(self, epoch: int, metrics: dict[str, float]) -> None:
         row = {"epoch": epoch + 1, **metrics}
         self.history.append(row)
         if self.main:
-            with open(self.run_dir / HISTORY, "w") as handle:
+            with open(self.rd.history, "w") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in self.history)
             self.tracker.log_metrics(metrics, step=epoch + 1)
             self.tracker.set_tags(milestones(self.cfg, epoch))
@@ -424,16 +455,12 @@ class Trainer:
                            f"{metrics['train_loss']:.4f}  acc {metrics['train_acc']:.2f}%"
                            f"{val}  p {metrics['p']:.2f}  lr {metrics['lr']:.2e}")
 
-    def test(self, episodes: int | None = None, seed_offset: int = 0) -> EvalResult:
-        """Test the best checkpoint (validated, hence what is reported) on the fixed episodes."""
-        cfg = self.cfg
-        best = self.run_dir / BEST
+    def test(self) -> TestReport:
+        """Test the best checkpoint (validated, hence what is reported) by the test protocol."""
         method = self.acc.unwrap_model(self.model)
-        if best.is_file():
-            restore_best(method, best, fingerprint(cfg))
-        loader = self._eval_loader(cfg.data.test_split, episodes or cfg.eval.test_episodes,
-                                   cfg.data.test_query, seed_offset)
-        return evaluate(self.model, loader, self.acc)
+        reached_p0 = bool(self.history) and self.history[-1]["p"] == 0.0
+        return test_best(self.model, method, self.cfg, self.packs, self.acc, self.rd.best,
+                         reached_p0)
 
 
 def method_p(method: Method) -> float:
@@ -457,9 +484,9 @@ def milestones(cfg: Config, epoch: int) -> dict[str, int]:
     return tags
 
 
-def _header(trainer: Trainer) -> str:
+def _header(trainer: Trainer, changes: list[str]) -> str:
     cfg, acc = trainer.cfg, trainer.acc
-    tm, em = trainer.train_manifest, trainer.eval_manifest
+    tm, em = trainer.packs.train_manifest, trainer.packs.eval_manifest
     count = lambda m, s: len(m["splits"][s]["classes"])  # noqa: E731
     lines = [
         f"hmaml · {cfg.name}: {cfg.method.name} + {cfg.model.encoder}, {cfg.data.n_way}-way "
@@ -471,90 +498,116 @@ def _header(trainer: Trainer) -> str:
         f"{cfg.data.test_split} {count(em, cfg.data.test_split)} classes",
         f"  budget: {cfg.train.epochs} epochs x {cfg.train.episodes_per_epoch} episodes",
         *(f"  {line}" for line in trainer.plan.lines()[1:]),
-        f"  run dir: {trainer.run_dir}",
+        f"  run dir: {trainer.rd.path}",
     ]
     if trainer.epoch or trainer.resume_step:
         lines.append(f"  resuming at epoch {trainer.epoch + 1}, step {trainer.resume_step}")
+    if changes:
+        lines.append(f"  changed since the run began: {'; '.join(changes)}")
     return "\n".join(lines)
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of the launch, known before any process group exists (torchrun, srun)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(cfg: Config, *, parent_run_id: str | None = None,
           stop_requested: Callable[[], bool] | None = None,
-          tags: dict[str, str] | None = None) -> dict[str, Any]:
+          tags: dict[str, str] | None = None) -> TrainResult:
     """Train, validate and test one config; resumes from ``cfg.run_dir`` when it holds a run.
 
-    Returns the test summary (``status`` 'finished'), or ``status`` 'preempted' after a stop
-    request (SIGTERM or ``stop_requested()``) with a checkpoint written.
+    A run folder belongs to the config that made it (another is refused, naming the keys)
+    and to one process group at a time (rank 0 holds its lock). A finished run returns its
+    stored result, printed; one extended by a larger ``train.epochs`` trains on. A stop request
+    (SIGTERM or ``stop_requested()``) checkpoints and returns PREEMPTED; a non-finite loss or
+    gradient raises :class:`NonFiniteError` with the run marked FAILED.
     """
-    run_dir = Path(cfg.run_dir)
-    done = run_dir / TEST
-    if done.is_file():  # finished: return its result, if this config could have made it
-        load_checkpoint(run_dir / CHECKPOINT, fingerprint(cfg))
-        return json.loads(done.read_text())
+    rd = RunDir(cfg.run_dir)
+    changes = rd.check_config(cfg)
+    stored = rd.read_json(rd.test)
+    if stored is not None and stored.get("epoch", 0) >= cfg.train.epochs:
+        if _is_rank0():
+            print("\n".join([f"{rd.path} is finished (re-running does not train it again):",
+                             *stored.get("lines", [])]))
+        return TrainResult(Status.FINISHED, str(rd.path), int(stored["epoch"]),
+                           stored.get("mlflow_run_id"), stored)
+    with ExitStack() as stack:
+        if _is_rank0():
+            stack.enter_context(rd.lock())
+        return _train(cfg, rd, changes, parent_run_id, stop_requested, tags)
+
+
+def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | None,
+           stop_requested: Callable[[], bool] | None, tags: dict[str, str] | None
+           ) -> TrainResult:
     start = time.perf_counter()
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.write_config(cfg)
     with StopFlag(stop_requested) as stop:
         trainer = Trainer(cfg, accelerator, stop)
         if accelerator.is_main_process:
-            tqdm.write(_header(trainer))
+            tqdm.write(_header(trainer, changes))
         run_tags = {"world_size": accelerator.num_processes, "engine": trainer.plan.engine,
-                    "train_pack.manifest_sha256": _file_sha256(
-                        Path(cfg.data.train_pack) / MANIFEST_NAME),
-                    "eval_pack.manifest_sha256": _file_sha256(trainer.eval_pack / MANIFEST_NAME),
+                    "train_pack.manifest_sha256": _file_sha256(trainer.packs.train /
+                                                               MANIFEST_NAME),
+                    "eval_pack.manifest_sha256": _file_sha256(trainer.packs.eval /
+                                                              MANIFEST_NAME),
                     **(tags or {})}
-        run_id = trainer.tracker.start(cfg, run_dir, run_tags, parent_run_id=parent_run_id)
+        run_id = trainer.tracker.start(cfg, rd.path, run_tags, parent_run_id=parent_run_id)
         try:
             status = trainer.fit()
-            if status == "preempted":
+            if status == Status.PREEMPTED:
                 trainer.tracker.end("KILLED")
-                return {"status": "preempted", "epoch": trainer.epoch, "run_dir": str(run_dir),
-                        "mlflow_run_id": run_id}
-            result = trainer.test()
-        except BaseException:
+                return TrainResult(status, str(rd.path), trainer.epoch, run_id)
+            report = trainer.test()
+        except Exception as exc:
+            trainer.progress(Status.FAILED, str(exc) if isinstance(exc, HmamlError) else
+                             f"{type(exc).__name__}: {exc}")
+            trainer.tracker.set_tags({"failure": str(exc)[:500]})
             trainer.tracker.end("FAILED")
             raise
-    wall = time.perf_counter() - start
-    summary = {"status": "finished", "test_acc": result.mean, "test_ci": result.ci95,
-               "test_episodes": int(result.accuracies.size),
-               "best_val_acc": trainer.best_val, "best_epoch": trainer.best_epoch + 1,
-               "epoch": trainer.epoch, "wall_s": wall, "run_dir": str(run_dir),
-               "mlflow_run_id": run_id, "weight_update_norm": result.weight_update_norm,
-               "bias_update_norm": result.bias_update_norm}
+        except BaseException:  # an exit inside a signal handler (submitit's requeue), Ctrl-C:
+            trainer.tracker.end("FAILED")  # the run is not finished, nor known to be broken
+            raise
+    summary = {"status": Status.FINISHED.value, **report.as_json(),
+               "best_val_acc": trainer.best_val, "epoch": trainer.epoch,
+               "wall_s": time.perf_counter() - start, "run_dir": str(rd.path),
+               "mlflow_run_id": run_id, "lines": report.lines()}
     if accelerator.is_main_process:
-        _finish(trainer, result, summary)
+        _finish(trainer, report, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
+    return TrainResult(Status.FINISHED, str(rd.path), trainer.epoch, run_id, summary)
 
 
-def _finish(trainer: Trainer, result: EvalResult, summary: dict[str, Any]) -> None:
+def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> None:
     """Write the test files and plot, log them, print the closing summary."""
-    run_dir, tracker = trainer.run_dir, trainer.tracker
-    write_json_atomic(run_dir / "test_accuracies.json",
-                {"accuracies": [round(float(a), 6) for a in result.accuracies]})
-    curve = plot_learning_curve(trainer.history, run_dir / "learning_curve.png") \
-        if trainer.history else None
-    tracker.log_metrics({"test_acc": result.mean, "test_ci95": result.ci95}, step=trainer.epoch)
-    write_json_atomic(run_dir / TEST, summary)
-    for name in ("config.yaml", TEST, "test_accuracies.json", HISTORY):
-        tracker.log_artifact(run_dir / name)
+    rd, tracker = trainer.rd, trainer.tracker
+    write_json_atomic(rd.test_accuracies, {"repeats": [
+        [round(float(a), 6) for a in r.accuracies] for r in report.repeats]})
+    curve = plot_learning_curve(trainer.history, rd.learning_curve) if trainer.history else None
+    tracker.log_metrics({"test_acc": report.mean, "test_std": report.std,
+                         "test_ci95": report.ci95, "tested_p": report.tested_p},
+                        step=trainer.epoch)
+    tracker.set_tags({"test.tested_p": report.tested_p, "test.repeats": len(report.repeats),
+                      "test.reached_p0": report.reached_p0})
+    write_json_atomic(rd.test, summary)
+    for path in (rd.config, rd.test, rd.test_accuracies, rd.history):
+        tracker.log_artifact(path)
     if curve is not None:
         tracker.log_artifact(curve)
-    if trainer.cfg.tracking.log_checkpoint and (run_dir / BEST).is_file():
-        tracker.log_artifact(run_dir / BEST, "checkpoints")
+    if trainer.cfg.tracking.log_checkpoint and rd.best.is_file():
+        tracker.log_artifact(rd.best, "checkpoints")
     tracker.end("FINISHED")
-    write_json_atomic(run_dir / PROGRESS, {
-        "epoch": trainer.epoch, "epochs": trainer.cfg.train.epochs, "status": "finished",
-        "best_val_acc": trainer.best_val})
-    tqdm.write(
-        f"test: {result.mean:.2f} ± {result.ci95:.2f} % over {result.accuracies.size} episodes "
-        f"(best epoch {summary['best_epoch']}, val {trainer.best_val:.2f} %)\n"
-        f"  wall time {summary['wall_s'] / 60:.1f} min · run {run_dir} · checkpoint "
-        f"{run_dir / BEST} · MLflow run {summary['mlflow_run_id'] or 'off'}"
-        f"{' in ' + str(tracker.uri) if getattr(tracker, 'uri', None) else ''}")
+    trainer.progress(Status.FINISHED)
+    tqdm.write("\n".join([
+        *report.lines(),
+        f"  best val {trainer.best_val:.2f} % · wall time {summary['wall_s'] / 60:.1f} min · "
+        f"run {rd.path} · checkpoint {rd.best} · MLflow run {summary['mlflow_run_id'] or 'off'}"
+        f"{' in ' + str(tracker.uri) if getattr(tracker, 'uri', None) else ''}"]))
 
 
-__all__ = ["Trainer", "make_accelerator", "optimizer_step", "train"]
+__all__ = ["NonFiniteError", "Trainer", "make_accelerator", "optimizer_step", "train"]

@@ -28,8 +28,8 @@ from urllib.parse import unquote, urlparse
 
 from hmaml.config import Config, flatten
 from hmaml.files import write_text_atomic
+from hmaml.train.rundir import RunDir
 
-RUN_ID_FILE = "mlflow_run_id.txt"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow 3 limits (mlflow.utils.validation); used when that module cannot be read.
 _PARAM_VALUE_MAX = 6000
@@ -153,7 +153,7 @@ class Tracker:
         assert uri is not None
         client, sqlite_db = _client(uri)
         run_dir.mkdir(parents=True, exist_ok=True)
-        id_file = run_dir / RUN_ID_FILE
+        id_file = RunDir(run_dir).mlflow_run_id
         params = flatten(cfg)
         run = _existing_run(client, id_file)
         if run is not None:

@@ -1,0 +1,73 @@
+"""What a run is built from: its packs, its method, its evaluation episodes.
+
+One place for the training loop and ``launch/evaluate.py`` alike, so that a run is tested after
+training exactly as it is re-tested later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hmaml.config import Config
+from hmaml.data.episodes import EvalLoader, eval_loader
+from hmaml.data.format import MANIFEST_NAME, read_manifest
+from hmaml.errors import HmamlError
+from hmaml.methods import Method, build_method
+from hmaml.models import build_encoder
+
+
+@dataclass(frozen=True)
+class Packs:
+    """The training and evaluation packs of a config, their manifests read once."""
+
+    train: Path
+    eval: Path
+    train_manifest: dict[str, Any]
+    eval_manifest: dict[str, Any]
+
+    @property
+    def image(self) -> dict[str, Any]:
+        """Image size and channels, which fix the encoder's shapes (the training pack's)."""
+        return self.train_manifest["image"]
+
+
+def open_packs(cfg: Config, *, train: bool = True) -> Packs:
+    """Read both manifests and check that the config's splits are there (one line if not)."""
+    data = cfg.data
+    eval_pack = Path(data.eval_pack or data.train_pack)
+    train_manifest = read_manifest(data.train_pack)
+    eval_manifest = train_manifest if eval_pack == Path(data.train_pack) else \
+        read_manifest(eval_pack)
+    wanted = [(Path(data.train_pack), train_manifest, [data.train_split] if train else []),
+              (eval_pack, eval_manifest, [data.val_split, data.test_split])]
+    for pack, manifest, splits in wanted:
+        for split in splits:
+            if split not in manifest["splits"]:
+                raise HmamlError(f"{pack}/{MANIFEST_NAME}: no split {split!r} (it has "
+                                 f"{', '.join(manifest['splits'])})")
+    return Packs(Path(data.train_pack), eval_pack, train_manifest, eval_manifest)
+
+
+def build_model(cfg: Config, packs: Packs) -> Method:
+    """The config's method and encoder, initialised from ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    image = packs.image
+    encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"])
+    return build_method(cfg.method, encoder, cfg.data.n_way)
+
+
+def episodes_of(cfg: Config, packs: Packs, split: str, episodes: int, n_query: int, *,
+                rank: int, world: int, repeat: int = 0) -> EvalLoader:
+    """This rank's share of the fixed episodes of ``split`` (repeat ``repeat``)."""
+    data = cfg.data
+    return eval_loader(packs.eval, split, n_way=data.n_way, n_shot=data.n_shot,
+                       n_query=n_query, n_episodes=episodes, seed=cfg.eval.seed, rank=rank,
+                       world_size=world, tasks_per_batch=cfg.eval.tasks_per_batch,
+                       image_size=packs.image["size"], repeat=repeat)
+
+
+__all__ = ["Packs", "build_model", "episodes_of", "open_packs"]

@@ -1,0 +1,181 @@
+"""The run folder: every file a run writes, who may write them, and which config made them.
+
+One :class:`RunDir` names every file (nothing else spells those names), checks that a re-run
+uses the config that made the folder (:meth:`RunDir.check_config`), and holds the lock that lets
+a single training process group own it (:meth:`RunDir.lock`). A folder is made by one config:
+re-running with another is refused, naming the keys that differ, except for the keys of
+:data:`MAY_CHANGE`, which only extend or observe a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hmaml.config import Config, config_from_yaml, flatten, to_yaml
+from hmaml.errors import HmamlError
+from hmaml.files import write_json_atomic, write_text_atomic
+
+#: Keys that may differ when a run folder is re-used: to extend a run (train.epochs) or to
+#: change only how it is watched. Anything else would mix two experiments in one folder.
+MAY_CHANGE = ("train.epochs", "eval.every", "data.workers", "train.progress", "tracking.")
+#: Keys that say where a run is, not what it is.
+NOT_COMPARED = ("run_dir",)
+ZERO_PREFIX = "zero-state-"  # DeepSpeed's per-rank optimizer partitions, one folder a position
+
+
+class Status(str, Enum):
+    """How a training call ended (also the ``status`` of ``progress.json``)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    PREEMPTED = "preempted"
+    FAILED = "failed"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`hmaml.train.loop.train` returns; ``test`` is ``test.json`` when finished."""
+
+    status: Status
+    run_dir: str
+    epoch: int
+    mlflow_run_id: str | None = None
+    test: dict[str, Any] | None = None
+
+
+class RunDir:
+    """The files of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def _file(self, name: str) -> Path:
+        return self.path / name
+
+    checkpoint = property(lambda self: self._file("checkpoint.pt"))
+    best = property(lambda self: self._file("best.pt"))
+    test = property(lambda self: self._file("test.json"))
+    test_accuracies = property(lambda self: self._file("test_accuracies.json"))
+    progress = property(lambda self: self._file("progress.json"))
+    history = property(lambda self: self._file("history.jsonl"))
+    config = property(lambda self: self._file("config.yaml"))
+    lock_file = property(lambda self: self._file("run.lock"))
+    mlflow_run_id = property(lambda self: self._file("mlflow_run_id.txt"))
+    trial = property(lambda self: self._file("trial.json"))
+    learning_curve = property(lambda self: self._file("learning_curve.png"))
+    evaluation = property(lambda self: self._file("evaluate.json"))
+
+    def zero_state(self, epoch: int, step: int) -> Path:
+        return self._file(f"{ZERO_PREFIX}{epoch:06d}-{step:06d}")
+
+    def zero_states(self) -> list[Path]:
+        return sorted(self.path.glob(f"{ZERO_PREFIX}*"))
+
+    def read_json(self, path: Path) -> dict[str, Any] | None:
+        """A JSON file of this folder, or None when it is absent or half-written."""
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def write_progress(self, epoch: int, epochs: int, status: Status,
+                       best_val_acc: float | None, error: str | None = None) -> None:
+        write_json_atomic(self.progress, {"epoch": epoch, "epochs": epochs,
+                                          "status": status.value, "best_val_acc": best_val_acc,
+                                          **({"error": error} if error else {})})
+
+    # ------------------------------------------------------------------ identity
+    def stored_config(self) -> Config | None:
+        if not self.config.is_file():
+            return None
+        return config_from_yaml(self.config.read_text(), source=str(self.config))
+
+    def check_config(self, cfg: Config) -> list[str]:
+        """Refuse ``cfg`` if another config made this folder; returns the allowed changes
+        (``key: old -> new``, keys of :data:`MAY_CHANGE`), empty for a new folder."""
+        stored = self.stored_config()
+        if stored is None:
+            return []
+        old, new = flatten(stored), flatten(cfg)
+        differ = [k for k in sorted(set(old) | set(new))
+                  if old.get(k) != new.get(k) and k not in NOT_COMPARED]
+        refused = [k for k in differ if not k.startswith(MAY_CHANGE) and k not in MAY_CHANGE]
+        if refused:
+            changes = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in refused)
+            raise HmamlError(f"{self.path} was made by another config: {changes}; pass "
+                             "run_dir=... for a new run")
+        return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in differ]
+
+    def write_config(self, cfg: Config) -> None:
+        write_text_atomic(self.config, to_yaml(cfg))
+
+    # ------------------------------------------------------------------ ownership
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Own the folder for the duration; a second owner is refused, naming the holder.
+
+        A lock whose process is gone (same host), or that a requeued run of the same SLURM job
+        left, is taken over with a warning.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.time()}
+        while True:
+            try:
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.read_json(self.lock_file) or {}
+                if not self._stale(holder, me):
+                    since = time.strftime("%Y-%m-%d %H:%M:%S",
+                                          time.localtime(holder.get("since", 0)))
+                    raise HmamlError(
+                        f"{self.path} is in use by pid {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {since}); wait for it to end, or remove "
+                        f"{self.lock_file} if that process is gone") from None
+                warnings.warn(f"{self.path}: taking over the lock of pid {holder.get('pid')} "
+                              f"on {holder.get('host')}, which is gone", stacklevel=3)
+                with contextlib.suppress(FileNotFoundError):
+                    self.lock_file.unlink()
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            break
+        try:
+            yield
+        finally:
+            if (self.read_json(self.lock_file) or {}).get("pid") == me["pid"]:
+                with contextlib.suppress(FileNotFoundError):
+                    self.lock_file.unlink()
+
+    @staticmethod
+    def _stale(holder: dict[str, Any], me: dict[str, Any]) -> bool:
+        if not holder:  # written by a process killed between create and write
+            return True
+        if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
+            return True  # the same SLURM job, requeued: its earlier run is over
+        if holder.get("host") != me["host"]:
+            return False  # cannot tell whether it lives: refuse
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+
+__all__ = ["MAY_CHANGE", "RunDir", "Status", "TrainResult"]
