@@ -50,7 +50,7 @@ from hmaml.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from hmaml.train.plan import Plan, make_plan
+from hmaml.train.plan import Plan, check_engine, deepspeed_requested, make_plan
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult
 from hmaml.train.tracking import make_tracker, plot_learning_curve
@@ -58,11 +58,6 @@ from hmaml.train.tracking import make_tracker, plot_learning_curve
 
 class NonFiniteError(HmamlError):
     """Training produced a NaN or inf; the last checkpoint written stays the last finite one."""
-
-
-def deepspeed_requested() -> bool:
-    """Whether ``accelerate launch`` was given a DeepSpeed config (it says so in the env)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def make_accelerator(cfg: Config):
@@ -92,14 +87,6 @@ def make_accelerator(cfg: Config):
         raise HmamlError(f"DeepSpeed was asked for but Accelerate set up "
                          f"{accelerator.distributed_type}; is the deepspeed extra installed?")
     return accelerator
-
-
-def check_engine(engine: str, precision: str, on_cpu: bool) -> None:
-    """Refuse an engine/precision/device combination that cannot work, in one line."""
-    if engine.startswith("DeepSpeed") and on_cpu and precision != "no":
-        raise HmamlError(f"train.mixed_precision={precision} under DeepSpeed on CPU is not "
-                         "supported by DeepSpeed (dtype mismatch); use train.mixed_precision=no "
-                         "or plain DDP")
 
 
 def engine_name(accelerator) -> str:

@@ -151,6 +151,19 @@ class Launch:
 _ENGINES = {"NO": "DDP", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP"}
 
 
+def deepspeed_requested() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it says so in the env)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_engine(engine: str, precision: str, on_cpu: bool) -> None:
+    """Refuse an engine/precision/device combination that cannot work, in one line."""
+    if engine.startswith("DeepSpeed") and on_cpu and precision != "no":
+        raise HmamlError(f"train.mixed_precision={precision} under DeepSpeed on CPU is not "
+                         "supported by DeepSpeed (dtype mismatch); use train.mixed_precision=no "
+                         "or plain DDP")
+
+
 def launch_from_file(path: str | Path) -> Launch:
     """The launch an Accelerate config file describes (``accelerate launch --config_file``)."""
     path = Path(path)
@@ -185,7 +198,7 @@ def launch_from_env() -> Launch:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
     engine = "DDP"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if deepspeed_requested():
         engine = f"DeepSpeed ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
     return Launch(processes, max(processes // max(local, 1), 1), engine,
                   not torch.cuda.is_available())
@@ -194,8 +207,6 @@ def launch_from_env() -> Launch:
 def dry_run(cfg: Config, launch: Launch) -> str:
     """The resolved config, the distributed plan and the state of the packs, as text: what a
     person checks before queueing a job. Raises the error the launch itself would raise."""
-    from hmaml.train.loop import check_engine
-
     check_engine(launch.engine, cfg.train.mixed_precision, launch.on_cpu)
     plan = make_plan(cfg, launch.processes, nodes=launch.nodes, engine=launch.engine)
     device = "CPU" if launch.on_cpu else "GPU"
@@ -211,5 +222,5 @@ def dry_run(cfg: Config, launch: Launch) -> str:
         "", "dry run: nothing was trained"])
 
 
-__all__ = ["Launch", "MicroBatch", "Plan", "dry_run", "even_split", "launch_from_env",
-           "launch_from_file", "make_plan"]
+__all__ = ["Launch", "MicroBatch", "Plan", "check_engine", "deepspeed_requested", "dry_run",
+           "even_split", "launch_from_env", "launch_from_file", "make_plan"]
