@@ -87,3 +87,16 @@ def test_an_overrunning_section_keeps_what_it_measured(monkeypatch: pytest.Monke
                                 deadline=time.perf_counter() + 60)
     assert out["measured"] == 1 and out["error"].startswith("SectionTimeout")
     assert out["seconds"] < 5
+
+
+def test_the_training_benchmark_prints_every_variant_as_json() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "train",
+                           "--steps", "1", "--tasks", "2", "--query", "2", "--size", "16",
+                           "--no-compile"], capture_output=True, text=True, timeout=300,
+                          env=single_thread_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    variants = ["hypermaml_fp32", "hypermaml_bf16", "encoder_hmaml_fp32", "encoder_hmaml_bf16",
+                "encoder_plain_fp32", "encoder_plain_bf16", "encoder_plain_bf16_channels_last"]
+    assert all(result[v] > 0 for v in variants) and result["threads"] == 1
+    assert result["plain_over_hmaml_encoder_bf16"] > 0

@@ -1,0 +1,170 @@
+"""Training speed against the kernel limit of the machine (prints figures, asserts nothing).
+
+Setting (the speed issue's): Omniglot -> EMNIST shapes, 5-way 1-shot, 16 queries per class,
+Conv4 at 28 px, meta-batch 32, HyperMAML in its pure-hypernetwork phase (p = 0), Adam.
+
+- ``hypermaml_*``: tasks per second of a whole training step (forward, backward, Adam) through
+  hmaml's method, in fp32, under bf16 autocast, and ``torch.compile``'d (or why compiling failed);
+- ``encoder_*``: tasks per second of the encoder alone (forward + backward of a mean), hmaml's
+  per-task-BatchNorm Conv4 against a plain ``nn.Sequential`` Conv4 with ``nn.BatchNorm2d`` over
+  the whole batch: the plain one is what the machine's fused kernels give, the limit to aim at;
+- ``evaluate_s`` / ``evaluate_peak_mb``: with ``--run``, the whole ``launch/evaluate.py``
+  process on that run (``--eval-episodes`` 600 test tasks, one list), wall time and peak memory.
+
+Variants take turns step by step and the median of ``--steps`` timings counts, so a change in
+the machine's load falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hmaml.bench import random_batch
+from hmaml.methods import HyperMAML
+from hmaml.models import build_encoder
+
+Step = Callable[[], None]
+
+
+def plain_conv4(channels: int, width: int = 64) -> nn.Sequential:
+    """The textbook Conv4: BatchNorm over the whole batch, no per-task statistics."""
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [nn.Conv2d(channels if i == 0 else width, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def hypermaml_step(tasks: int, query: int, size: int, autocast: bool, compiled: bool) -> Step:
+    """One HyperMAML training step on a fixed random meta-batch."""
+    torch.manual_seed(0)
+    method = HyperMAML(build_encoder("conv4", 1, size), 5, hn_width=512, switch=False)
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
+    batch = random_batch(tasks, 5, 1, query, torch.device("cpu"), size=size)
+    forward = torch.compile(method) if compiled else method
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(batch).loss
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def encoder_step(plain: bool, tasks: int, query: int, size: int, autocast: bool,
+                 channels_last: bool) -> Step:
+    """Forward and backward of an encoder over one meta-batch's images."""
+    torch.manual_seed(0)
+    images = tasks * 5 * (1 + query)
+    x = torch.rand(images, 1, size, size)
+    if plain:
+        model = plain_conv4(1)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        run = lambda: model(x)  # noqa: E731
+    else:
+        model = build_encoder("conv4", 1, size)
+        tasks_x = x.view(tasks, 5 * (1 + query), 1, size, size)
+        run = lambda: model(tasks_x, split=5)  # noqa: E731
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = run()
+        out.float().mean().backward()
+
+    return step
+
+
+def time_steps(variants: dict[str, Step], steps: int, tasks: int,
+               log: Callable[[str], None]) -> dict[str, float]:
+    """Tasks per second of each variant: one warm-up step each (compiling happens there), then
+    ``steps`` rounds in which every variant runs once; the median round counts."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name, step in variants.items():
+        start = time.perf_counter()
+        step()
+        log(f"{name}: warm-up {time.perf_counter() - start:.1f} s")
+    for _ in range(steps):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(tasks / statistics.median(t), 2) for name, t in times.items()}
+
+
+def evaluate_process(run: Path, episodes: int) -> dict[str, float]:
+    """Wall time and peak memory of a whole ``launch/evaluate.py`` process on ``run``."""
+    script = Path(__file__).resolve().parents[1] / "launch" / "evaluate.py"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script), "--run", str(run), "--repeats", "1",
+                           "--episodes", str(episodes)], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        return {"evaluate_error": lines[-1]}
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"evaluate_s": round(seconds, 2),
+            "evaluate_peak_mb": round(max(peak, before) / 1024, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(prog="bench.py train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds (median counts)")
+    parser.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch")
+    parser.add_argument("--query", type=int, default=16, help="queries per class")
+    parser.add_argument("--size", type=int, default=28, help="image size")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--run", type=Path, help="a trained run: time launch/evaluate.py on it")
+    parser.add_argument("--eval-episodes", type=int, default=600,
+                        help="test episodes of the timed evaluation")
+    args = parser.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    shape = (args.tasks, args.query, args.size)
+    variants: dict[str, Step] = {
+        "hypermaml_fp32": hypermaml_step(*shape, autocast=False, compiled=False),
+        "hypermaml_bf16": hypermaml_step(*shape, autocast=True, compiled=False),
+        "encoder_hmaml_fp32": encoder_step(False, *shape, autocast=False, channels_last=True),
+        "encoder_hmaml_bf16": encoder_step(False, *shape, autocast=True, channels_last=True),
+        "encoder_plain_fp32": encoder_step(True, *shape, autocast=False, channels_last=False),
+        "encoder_plain_bf16": encoder_step(True, *shape, autocast=True, channels_last=False),
+        "encoder_plain_bf16_channels_last": encoder_step(True, *shape, autocast=True,
+                                                         channels_last=True),
+    }
+    result: dict[str, object] = {
+        "setting": f"{args.tasks} tasks of 5-way 1-shot {args.query} queries, Conv4 "
+                   f"{args.size} px, tasks/s (median of {args.steps})",
+        "threads": torch.get_num_threads()}
+    if not args.no_compile:
+        try:
+            variants["hypermaml_compiled_fp32"] = hypermaml_step(*shape, autocast=False,
+                                                                 compiled=True)
+            variants["hypermaml_compiled_fp32"]()  # compile errors surface here, not mid-round
+        except Exception as exc:  # the figure says why compiling failed instead of stopping
+            variants.pop("hypermaml_compiled_fp32", None)
+            result["hypermaml_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    result.update(time_steps(variants, args.steps, args.tasks, log))
+    result["plain_over_hmaml_encoder_bf16"] = round(
+        result["encoder_plain_bf16_channels_last"] / result["encoder_hmaml_bf16"], 2)
+    if args.run is not None:
+        result.update(evaluate_process(args.run, args.eval_episodes))
+    for key, value in result.items():
+        log(f"  {key}: {value}")
+    print(json.dumps(result))
+    return result
