@@ -34,11 +34,6 @@ class EvalResult:
         mean, ci = mean_ci95(accuracies)
         return EvalResult(accuracies, mean, ci, weight_norm, bias_norm)
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {"acc": self.mean, "ci95": self.ci95, "episodes": int(self.accuracies.size),
-                "weight_update_norm": self.weight_update_norm,
-                "bias_update_norm": self.bias_update_norm}
-
 
 def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
     """Mean accuracy and 1.96·σ/√n, both in percent (the few-shot literature's convention)."""

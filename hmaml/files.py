@@ -20,3 +20,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
     """:func:`write_text_atomic` of ``payload`` as indented JSON (non-JSON values as text)."""
     write_text_atomic(path, json.dumps(payload, indent=1, default=str))
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when the file is absent, unreadable or not one."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -10,13 +10,12 @@ step, micro-batches, steps per epoch, precision, engine) and exits without train
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 
 from hmaml.config import load_config
 from hmaml.errors import one_line_errors
-from hmaml.train.plan import dry_run, launch_from_env, launch_from_file
+from hmaml.train.plan import dry_run, is_rank0, launch_from_env, launch_from_file
 from hmaml.train.rundir import Status
 
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                   else launch_from_env())
         launch = replace(launch, processes=args.processes or launch.processes,
                          nodes=args.nodes or launch.nodes)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank0():
             print(dry_run(cfg, launch))
         return 0
     from hmaml.train.loop import train

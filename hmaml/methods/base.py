@@ -51,6 +51,10 @@ class Method(nn.Module):
     :meth:`set_epoch` once per epoch for schedules that depend on it.
     """
 
+    #: The MAML weight p of HyperMAML's warm-up switch at the current epoch; 0 for methods
+    #: without one (they always adapt as they are tested).
+    p: float = 0.0
+
     def __init__(self, encoder: Encoder, n_way: int) -> None:
         super().__init__()
         self.encoder = encoder

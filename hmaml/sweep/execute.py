@@ -16,9 +16,9 @@ from typing import Any
 
 from hmaml.config import override_text
 from hmaml.errors import HmamlError
-from hmaml.files import write_json_atomic
+from hmaml.files import read_json, write_json_atomic
 from hmaml.sweep.job import TrialJob
-from hmaml.sweep.report import SWEEP_JSON, _read_json, summarize
+from hmaml.sweep.report import SWEEP_JSON, summarize
 from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
 from hmaml.train.plan import make_plan
@@ -156,7 +156,7 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
         return {"submitted": {}, "skipped": [], "dry_run": True}
     sweep_dir = sweep.sweep_dir
     folder = sweep_dir / "submitit"
-    old = _read_json(sweep_dir / SWEEP_JSON)
+    old = read_json(sweep_dir / SWEEP_JSON)
     records = _merge_records(sweep, old)
     parent = _parent_run(sweep, old)
     info = {"name": sweep.name, "sweep_file": str(Path(sweep_file).resolve()),
@@ -169,7 +169,7 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     todo, skipped = [], []
     for trial in sweep.trials:
         rd = RunDir(trial.cfg.run_dir)
-        if rd.test.is_file() or still_running(rd.read_json(rd.trial),
+        if rd.test.is_file() or still_running(read_json(rd.trial),
                                               slurm_jobs.get(trial.name)):
             skipped.append(trial.name)
         else:

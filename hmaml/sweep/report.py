@@ -12,6 +12,7 @@ from typing import Any
 
 from hmaml.config import override_text
 from hmaml.errors import HmamlError
+from hmaml.files import read_json
 from hmaml.sweep.spec import _name_value
 from hmaml.train.rundir import RunDir
 
@@ -40,17 +41,17 @@ def trial_state(run_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"state": "pending", "epoch": None, "epochs": None,
                            "best_val_acc": None, "test_acc": None, "test_ci": None,
                            "error": None}
-    progress = rd.read_json(rd.progress)
+    progress = read_json(rd.progress)
     if progress:
         out.update(epoch=progress.get("epoch"), epochs=progress.get("epochs"),
                    best_val_acc=progress.get("best_val_acc"))
         if progress.get("status") in STATES:
             out["state"] = progress["status"]
-    marker = rd.read_json(rd.trial)  # written by the job: running, preempted, failed, …
+    marker = read_json(rd.trial)  # written by the job: running, preempted, failed, …
     if marker and marker.get("state") in STATES:
         out["state"] = marker["state"]
         out["error"] = marker.get("error")
-    test = rd.read_json(rd.test)
+    test = read_json(rd.test)
     if test:
         out.update(state="finished", test_acc=test.get("test_acc"), test_ci=test.get("test_ci"),
                    best_val_acc=test.get("best_val_acc", out["best_val_acc"]))
@@ -59,15 +60,7 @@ def trial_state(run_dir: str | Path) -> dict[str, Any]:
 
 def _test_of(record: dict[str, Any]) -> dict[str, Any] | None:
     rd = RunDir(record["run_dir"])
-    return rd.read_json(rd.test)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
+    return read_json(rd.test)
 
 
 

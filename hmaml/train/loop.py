@@ -39,7 +39,7 @@ from hmaml.data.episodes import train_loader
 from hmaml.data.format import MANIFEST_NAME
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
-from hmaml.files import write_json_atomic
+from hmaml.files import read_json, write_json_atomic
 from hmaml.methods import Method
 from hmaml.tasks import TaskBatch
 from hmaml.train.build import build_model, episodes_of, open_packs
@@ -50,7 +50,7 @@ from hmaml.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from hmaml.train.plan import Plan, check_engine, deepspeed_requested, make_plan
+from hmaml.train.plan import Plan, check_engine, deepspeed_requested, is_rank0, make_plan
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult
 from hmaml.train.tracking import make_tracker, plot_learning_curve
@@ -210,13 +210,13 @@ class Trainer:
         self.main = accelerator.is_main_process
         data, train = cfg.data, cfg.train
         self.world = accelerator.num_processes
-        self.deepspeed = engine_name(accelerator).startswith("DeepSpeed")
+        engine = engine_name(accelerator)
+        self.deepspeed = engine.startswith("DeepSpeed")
         if self.deepspeed and train.nonfinite == "skip":
             raise HmamlError("train.nonfinite=skip cannot work under DeepSpeed (it steps inside "
                              "the backward pass); use train.nonfinite=stop")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        self.plan = make_plan(cfg, self.world, nodes=max(self.world // local, 1),
-                              engine=engine_name(accelerator))
+        self.plan = make_plan(cfg, self.world, nodes=max(self.world // local, 1), engine=engine)
         self.steps = self.plan.rank_steps(accelerator.process_index)
         self.packs = open_packs(cfg)
         self.method: Method = build_model(cfg, self.packs)
@@ -378,7 +378,7 @@ class Trainer:
         metrics["train_acc"] *= 100.0  # percent, like every accuracy the run reports
         if self.cfg.train.nonfinite == "skip":
             metrics["train_skipped_steps"] = skipped
-        return metrics | {"p": method_p(method)}
+        return metrics | {"p": float(method.p)}
 
     def _nonfinite(self, epoch: int, step: int, what: str) -> None:
         """Stop on a non-finite step (``train.nonfinite``: stop), or count it (skip) and stop
@@ -450,11 +450,6 @@ class Trainer:
                          reached_p0)
 
 
-def method_p(method: Method) -> float:
-    """The MAML weight of the warm-up switch (0 for methods without one)."""
-    return float(getattr(method, "p", 0.0))
-
-
 def milestones(cfg: Config, epoch: int) -> dict[str, int]:
     """Milestone tags reached at the end of ``epoch`` (0-based): warm-up/switch end, LR drops."""
     done = epoch + 1
@@ -494,11 +489,6 @@ def _header(trainer: Trainer, changes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _is_rank0() -> bool:
-    """Rank 0 of the launch, known before any process group exists (torchrun, srun)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def train(cfg: Config, *, parent_run_id: str | None = None,
           stop_requested: Callable[[], bool] | None = None,
           tags: dict[str, str] | None = None) -> TrainResult:
@@ -512,15 +502,15 @@ def train(cfg: Config, *, parent_run_id: str | None = None,
     """
     rd = RunDir(cfg.run_dir)
     changes = rd.check_config(cfg)
-    stored = rd.read_json(rd.test)
+    stored = read_json(rd.test)
     if stored is not None and stored.get("epoch", 0) >= cfg.train.epochs:
-        if _is_rank0():
+        if is_rank0():
             print("\n".join([f"{rd.path} is finished (re-running does not train it again):",
                              *stored.get("lines", [])]))
         return TrainResult(Status.FINISHED, str(rd.path), int(stored["epoch"]),
                            stored.get("mlflow_run_id"), stored)
     with ExitStack() as stack:
-        if _is_rank0():
+        if is_rank0():
             stack.enter_context(rd.lock())
         return _train(cfg, rd, changes, parent_run_id, stop_requested, tags)
 

@@ -151,6 +151,11 @@ class Launch:
 _ENGINES = {"NO": "DDP", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP"}
 
 
+def is_rank0() -> bool:
+    """Rank 0 of the launch, known before any process group exists (torchrun, srun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def deepspeed_requested() -> bool:
     """Whether ``accelerate launch`` was given a DeepSpeed config (it says so in the env)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -223,4 +228,4 @@ def dry_run(cfg: Config, launch: Launch) -> str:
 
 
 __all__ = ["Launch", "MicroBatch", "Plan", "check_engine", "deepspeed_requested", "dry_run",
-           "even_split", "launch_from_env", "launch_from_file", "make_plan"]
+           "even_split", "is_rank0", "launch_from_env", "launch_from_file", "make_plan"]

@@ -20,7 +20,8 @@ import torch
 from hmaml.config import Config, fingerprint
 from hmaml.errors import HmamlError
 from hmaml.evaluate import EvalResult, evaluate
-from hmaml.files import write_json_atomic
+from hmaml.files import read_json, write_json_atomic
+from hmaml.methods import Method
 from hmaml.train.build import Packs, build_model, episodes_of, open_packs
 from hmaml.train.checkpoint import restore_best
 from hmaml.train.rundir import RunDir
@@ -81,12 +82,12 @@ class TestReport:
         return lines
 
 
-def test_best(model: Any, method: Any, cfg: Config, packs: Packs, accelerator, best: Path,
+def test_best(model: Any, method: Method, cfg: Config, packs: Packs, accelerator, best: Path,
               reached_p0: bool, episodes: int | None = None, repeats: int | None = None
               ) -> TestReport:
     """Test the best checkpoint in ``best`` (loaded into ``method``, which ``model`` wraps)."""
     best_epoch = restore_best(method, best, fingerprint(cfg))
-    best_p = float(getattr(method, "p", 0.0))
+    best_p = method.p
     method.set_tested()
     results = [evaluate(model, episodes_of(cfg, packs, cfg.data.test_split,
                                            episodes or cfg.eval.test_episodes,
@@ -94,7 +95,7 @@ def test_best(model: Any, method: Any, cfg: Config, packs: Packs, accelerator, b
                                            world=accelerator.num_processes, repeat=r),
                         accelerator)
                for r in range(repeats or cfg.eval.test_repeats)]
-    return TestReport(results, float(getattr(method, "p", 0.0)), best_epoch + 1, best_p,
+    return TestReport(results, method.p, best_epoch + 1, best_p,
                       reached_p0)
 
 
@@ -115,9 +116,9 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     method = build_model(cfg, packs)
     model = accelerator.prepare(method)
-    progress = rd.read_json(rd.progress) or {}
+    progress = read_json(rd.progress) or {}
     method.set_epoch(max(int(progress.get("epoch", cfg.train.epochs)) - 1, 0))
-    reached = float(getattr(method, "p", 0.0)) == 0.0
+    reached = method.p == 0.0
     report = test_best(model, method, cfg, packs, accelerator, rd.best, reached, episodes,
                        repeats)
     summary = {"run_dir": str(rd.path), **report.as_json(), "lines": report.lines()}

@@ -23,7 +23,7 @@ from typing import Any
 
 from hmaml.config import Config, config_from_yaml, flatten, to_yaml
 from hmaml.errors import HmamlError
-from hmaml.files import write_json_atomic, write_text_atomic
+from hmaml.files import read_json, write_json_atomic, write_text_atomic
 
 #: Keys that may differ when a run folder is re-used: to extend a run (train.epochs) or to
 #: change only how it is watched. Anything else would mix two experiments in one folder.
@@ -84,14 +84,6 @@ class RunDir:
     def zero_states(self) -> list[Path]:
         return sorted(self.path.glob(f"{ZERO_PREFIX}*"))
 
-    def read_json(self, path: Path) -> dict[str, Any] | None:
-        """A JSON file of this folder, or None when it is absent or half-written."""
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
-
     def write_progress(self, epoch: int, epochs: int, status: Status,
                        best_val_acc: float | None, error: str | None = None) -> None:
         write_json_atomic(self.progress, {"epoch": epoch, "epochs": epochs,
@@ -138,7 +130,7 @@ class RunDir:
             try:
                 fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self.read_json(self.lock_file) or {}
+                holder = read_json(self.lock_file) or {}
                 if not self._stale(holder, me):
                     since = time.strftime("%Y-%m-%d %H:%M:%S",
                                           time.localtime(holder.get("since", 0)))
@@ -157,7 +149,7 @@ class RunDir:
         try:
             yield
         finally:
-            if (self.read_json(self.lock_file) or {}).get("pid") == me["pid"]:
+            if (read_json(self.lock_file) or {}).get("pid") == me["pid"]:
                 with contextlib.suppress(FileNotFoundError):
                     self.lock_file.unlink()
 
