@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from hmaml.bench import adapt_times, random_batch
+from hmaml.bench import adapt_times
+from hmaml.bench_train import hypermaml_step
 from hmaml.data.format import MANIFEST_NAME
 from hmaml.errors import HmamlError
 from hmaml.methods import MAML, HyperMAML, Method, ProtoNet
@@ -410,19 +411,7 @@ def section_adapt(device: torch.device, sizes: Sizes, args: argparse.Namespace,
 def train_rate(device: torch.device, sizes: Sizes, dtype: torch.dtype | None, compiled: bool
                ) -> dict[str, Any]:
     """HyperMAML (p = 0) training steps: forward, backward and Adam on one meta-batch."""
-    torch.manual_seed(0)
-    method = HyperMAML(build_encoder("conv4", 1, 28), 5, switch=False).to(device)
-    model = torch.compile(method) if compiled else method
-    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
-    batch = random_batch(sizes.speed_tasks, 5, 1, sizes.speed_query, device)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            loss = model(batch).loss
-        loss.backward()
-        optimizer.step()
-
+    step = hypermaml_step(sizes.speed_tasks, sizes.speed_query, 28, dtype, compiled, device)
     start = time.perf_counter()
     for _ in range(3):  # allocations, kernel selection, compilation
         step()

@@ -35,6 +35,7 @@ from hmaml.methods import HyperMAML
 from hmaml.models import build_encoder
 
 Step = Callable[[], None]
+CPU = torch.device("cpu")
 
 
 def plain_conv4(channels: int, width: int = 64) -> nn.Sequential:
@@ -46,17 +47,19 @@ def plain_conv4(channels: int, width: int = 64) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Flatten())
 
 
-def hypermaml_step(tasks: int, query: int, size: int, autocast: bool, compiled: bool) -> Step:
-    """One HyperMAML training step on a fixed random meta-batch."""
+def hypermaml_step(tasks: int, query: int, size: int, dtype: torch.dtype | None,
+                   compiled: bool, device: torch.device = CPU) -> Step:
+    """One HyperMAML training step (p = 0, Adam) on a fixed random meta-batch, under autocast
+    to ``dtype`` (None: plain fp32); also the GPU check's training step."""
     torch.manual_seed(0)
-    method = HyperMAML(build_encoder("conv4", 1, size), 5, hn_width=512, switch=False)
+    method = HyperMAML(build_encoder("conv4", 1, size), 5, hn_width=512, switch=False).to(device)
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
-    batch = random_batch(tasks, 5, 1, query, torch.device("cpu"), size=size)
+    batch = random_batch(tasks, 5, 1, query, device, size=size)
     forward = torch.compile(method) if compiled else method
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = forward(batch).loss
         loss.backward()
         optimizer.step()
@@ -138,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     shape = (args.tasks, args.query, args.size)
     variants: dict[str, Step] = {
-        "hypermaml_fp32": hypermaml_step(*shape, autocast=False, compiled=False),
-        "hypermaml_bf16": hypermaml_step(*shape, autocast=True, compiled=False),
+        "hypermaml_fp32": hypermaml_step(*shape, dtype=None, compiled=False),
+        "hypermaml_bf16": hypermaml_step(*shape, dtype=torch.bfloat16, compiled=False),
         "encoder_hmaml_fp32": encoder_step(False, *shape, autocast=False, channels_last=True),
         "encoder_hmaml_bf16": encoder_step(False, *shape, autocast=True, channels_last=True),
         "encoder_plain_fp32": encoder_step(True, *shape, autocast=False, channels_last=False),
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "threads": torch.get_num_threads()}
     if not args.no_compile:
         try:
-            variants["hypermaml_compiled_fp32"] = hypermaml_step(*shape, autocast=False,
+            variants["hypermaml_compiled_fp32"] = hypermaml_step(*shape, dtype=None,
                                                                  compiled=True)
             variants["hypermaml_compiled_fp32"]()  # compile errors surface here, not mid-round
         except Exception as exc:  # the figure says why compiling failed instead of stopping
