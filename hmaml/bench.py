@@ -17,8 +17,10 @@ from collections.abc import Callable
 
 import torch
 
+from hmaml.config import MIXED_PRECISION
 from hmaml.methods import MAML, HyperMAML, Method
 from hmaml.models import build_encoder
+from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
 
 
@@ -38,13 +40,15 @@ def _sync(device: torch.device) -> None:
 
 
 def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: int,
-                autocast: torch.dtype | None, encoder_name: str = "conv4", channels: int = 1,
+                dtype: torch.dtype | None, encoder_name: str = "conv4", channels: int = 1,
                 size: int = 28, query: int = 15, steps: tuple[int, ...] = (1, 2, 5, 10)
                 ) -> dict[str, float]:
     """Seconds to classify ``episodes`` 5-way 1-shot tasks with each method.
 
-    The methods take turns batch by batch (and the best of ``repeats`` rounds counts), so a
-    change in the machine's load during the run affects every method alike and the ratios hold.
+    Every encoder runs in ``dtype`` (None: fp32), under ``torch.inference_mode`` where the
+    method takes no gradient to adapt, as :func:`hmaml.evaluate.evaluate` runs them. The methods
+    take turns batch by batch (and the best of ``repeats`` rounds counts), so a change in the
+    machine's load during the run affects every method alike and the ratios hold.
     """
     torch.manual_seed(0)
     batches = [random_batch(meta_batch, 5, 1, query, device, channels, size)
@@ -58,35 +62,40 @@ def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: i
     }
     for method in methods.values():
         method.to(device).eval()
-    runners: dict[str, Callable[[TaskBatch], object]] = {
-        "encoder_only": lambda b: encoder(torch.cat([b.support_x, b.query_x], 1),
-                                          split=b.support_x.shape[1]),
-        **{name: (lambda b, m=method: m(b)) for name, method in methods.items()},
+        method.encoder_dtype = dtype
+    runners: dict[str, tuple[Method, Callable[[TaskBatch], object]]] = {
+        "encoder_only": (methods["hypermaml"], methods["hypermaml"].embed),
+        **{name: (method, method) for name, method in methods.items()},
     }
-    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
-           else torch.autocast(device.type, enabled=False))
+
+    def timed(name: str, batch: TaskBatch) -> float:
+        method, run = runners[name]
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad() if method.adapts_with_autograd else torch.inference_mode():
+            run(batch)
+        _sync(device)
+        return time.perf_counter() - start
+
     best = dict.fromkeys(runners, float("inf"))
-    with torch.no_grad(), amp:
-        for run in runners.values():  # warm-up: allocations, kernel selection
-            run(batches[0])
-        for _ in range(repeats):
-            totals = dict.fromkeys(runners, 0.0)
-            for batch in batches:
-                for name, run in runners.items():
-                    _sync(device)
-                    start = time.perf_counter()
-                    run(batch)
-                    _sync(device)
-                    totals[name] += time.perf_counter() - start
-            best = {name: min(best[name], totals[name]) for name in runners}
+    for name in runners:  # warm-up: allocations, kernel selection
+        timed(name, batches[0])
+    for _ in range(repeats):
+        totals = dict.fromkeys(runners, 0.0)
+        for batch in batches:
+            for name in runners:
+                totals[name] += timed(name, batch)
+        best = {name: min(best[name], totals[name]) for name in runners}
     return best
 
 
-def train_throughput(device: torch.device, meta_batch: int, steps: int) -> dict[str, float]:
+def train_throughput(device: torch.device, meta_batch: int, steps: int,
+                     dtype: torch.dtype | None) -> dict[str, float]:
     """HyperMAML training episodes/s: one vectorised step vs a Python loop over the tasks
     (the two alternate step by step, so both see the same machine load)."""
     torch.manual_seed(0)
     method = HyperMAML(build_encoder("conv4", 1, 28), 5, switch=False).to(device)
+    method.encoder_dtype = dtype
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
     batch = random_batch(meta_batch, 5, 1, 15, device)
 
@@ -121,15 +130,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--meta-batch", type=int, default=50, help="tasks per adaptation batch")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many timings")
     parser.add_argument("--train-steps", type=int, default=3, help="training steps timed")
-    parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast")
+    parser.add_argument("--precision", default="auto", choices=MIXED_PRECISION,
+                        help="the encoder's precision, as train.mixed_precision (default auto: "
+                             "bf16 where the hardware runs it fast)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    times = adapt_times(device, args.episodes, args.meta_batch, args.repeats,
-                        torch.bfloat16 if args.bf16 else None)
+    precision = resolve_precision(args.precision, device)
+    times = adapt_times(device, args.episodes, args.meta_batch, args.repeats, precision.dtype)
     floor = times["encoder_only"]
-    print(f"{args.episodes} tasks, 5-way 1-shot 15 queries, Conv4 28 px on {device}"
-          f"{' (bf16)' if args.bf16 else ''}, threads={torch.get_num_threads()}")
-    result: dict[str, float] = {}
+    print(f"{args.episodes} tasks, 5-way 1-shot 15 queries, Conv4 28 px on {device}, "
+          f"encoder precision {precision}, threads={torch.get_num_threads()}")
+    result: dict[str, object] = {"precision": precision.name}
     for name, seconds in times.items():
         ratio = seconds / floor
         print(f"  {name:14s} {seconds:8.2f} s   {ratio:5.2f}x encoder-only")
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result[f"{name}_x"] = round(ratio, 3)
     result["maml_1_over_hypermaml"] = round(times["maml_1"] / times["hypermaml"], 3)
     print(f"  MAML-1 / HyperMAML: {result['maml_1_over_hypermaml']:.2f}x")
-    throughput = train_throughput(device, 32, args.train_steps)
+    throughput = train_throughput(device, 32, args.train_steps, precision.dtype)
     speedup = throughput["train_batched_eps"] / throughput["train_loop_eps"]
     print(f"training, meta-batch 32: batched {throughput['train_batched_eps']:.1f} episodes/s, "
           f"one task at a time {throughput['train_loop_eps']:.1f} episodes/s "

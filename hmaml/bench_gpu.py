@@ -3,17 +3,17 @@
 Sections, in the order they run:
 
 - ``env``: device, torch, CUDA and cuDNN versions, the TF32 defaults the fp32 timings run under;
-- ``numerics``: every method's query logits and parameter gradients, fp32 against bf16 autocast
+- ``numerics``: every method's query logits and parameter gradients, fp32 against a bf16 encoder
   on the same random tasks, with the tolerance expected of bf16 and a pass flag;
 - ``ddp``: a method wrapped in DDP on a 1-process NCCL group makes the same updates as the plain
   method (the k-process equivalence itself is tested on CPU, with gloo);
 - ``adapt``: :func:`hmaml.bench.adapt_times` at 28 px (Conv4, grey) and 84 px (Conv4Pool, RGB),
   fp32 and bf16, timed with ``torch.cuda.synchronize``;
-- ``train_speed``: HyperMAML training tasks/s and peak memory, fp32 and bf16 autocast;
+- ``train_speed``: HyperMAML training tasks/s and peak memory, fp32 and bf16 encoder;
 - ``train_run``: a few epochs of Omniglot -> EMNIST through the real training loop (on the
   device the loop chooses: CUDA when there is one);
-- ``train_speed_compiled``: the fp32 training step under ``torch.compile``, last because it is
-  the slowest to start and the likeliest to fail.
+- ``train_speed_compiled``: the training step with the encoder under ``torch.compile``, bf16
+  and fp32, last because it is the slowest to start and the likeliest to fail.
 
 Each section catches its own exception and reports it as a string, so one failure loses nothing
 else; a section that would not fit in what is left of ``--budget-s`` is skipped (and says so),
@@ -195,11 +195,6 @@ def deterministic_cudnn() -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype``; None: plain fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 def signed_tasks(sizes: Sizes, seed: int, device: torch.device) -> TaskBatch:
     """Random tasks like the method tests' (``tests/method_fixtures.random_tasks``): shuffled
     labels and a per-class brightness, so that adapting to the support changes the logits."""
@@ -246,18 +241,19 @@ def numerics_cases(sizes: Sizes) -> dict[str, Callable[[], Method]]:
 
 def logits_and_grads(method: Method, batch: TaskBatch, dtype: torch.dtype | None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """Query logits, parameter gradients and loss with the encoder in ``dtype`` (None: fp32)."""
     method.zero_grad(set_to_none=True)
-    with autocast(batch.support_x.device, dtype):
-        out = method(batch)
+    method.encoder_dtype = dtype
+    out = method(batch)
     out.loss.backward()
     grads = {name: p.grad.detach().float().clone() for name, p in method.named_parameters()
              if p.grad is not None}
-    return out.logits.detach().float(), grads, float(out.loss)
+    return out.logits.detach().float(), grads, float(out.loss.detach())
 
 
 def compare_precisions(method: Method, batch: TaskBatch, tolerance: dict[str, float]
                        ) -> dict[str, Any]:
-    """fp32 against bf16 autocast, same weights and tasks: max abs and relative differences."""
+    """fp32 against a bf16 encoder, same weights and tasks: max abs and relative differences."""
     ref_logits, ref_grads, ref_loss = logits_and_grads(method, batch, None)
     low_logits, low_grads, low_loss = logits_and_grads(method, batch, torch.bfloat16)
     logits_abs = float((low_logits - ref_logits).abs().max())
@@ -277,20 +273,6 @@ def compare_precisions(method: Method, batch: TaskBatch, tolerance: dict[str, fl
     result["pass"] = (result["finite"] and result["logits_rel"] <= tolerance["logits_rel"]
                       and result["grad_rel"] <= tolerance["grad_rel"])
     return result
-
-
-def vmap_conv_dtype(device: torch.device) -> str:
-    """The dtype a convolution under ``torch.func.vmap`` returns inside bf16 autocast.
-
-    MAML adapting the whole network runs its encoder under vmap; "torch.float32" means autocast
-    does not reach those convolutions, and its bf16 numbers and timings are mostly fp32.
-    """
-    weight = torch.randn(2, 4, 1, 3, 3, device=device)
-    images = torch.randn(2, 3, 1, 8, 8, device=device)
-    with autocast(device, torch.bfloat16):
-        out = torch.func.vmap(lambda w, x: torch.nn.functional.conv2d(x, w, padding=1))(
-            weight, images)
-    return str(out.dtype)
 
 
 def section_env(device: torch.device, sizes: Sizes, args: argparse.Namespace,
@@ -319,7 +301,6 @@ def section_numerics(device: torch.device, sizes: Sizes, args: argparse.Namespac
     out["tasks"] = (f"{sizes.tasks} tasks, {sizes.way}-way {sizes.shot}-shot {sizes.query} "
                     f"queries, Conv4 {sizes.size} px")
     out["fp32_reference"] = "TF32 off"
-    out["conv_dtype_under_vmap_autocast"] = vmap_conv_dtype(device)
     batch = signed_tasks(sizes, seed=0, device=device)
     methods: dict[str, Any] = {}
     out["methods"] = methods
@@ -446,12 +427,13 @@ def section_train_speed(device: torch.device, sizes: Sizes, args: argparse.Names
 
 def section_train_speed_compiled(device: torch.device, sizes: Sizes, args: argparse.Namespace,
                                  out: dict[str, Any]) -> None:
-    out["what"] = f"{speed_header(sizes)}; torch.compile, fp32"
+    out["what"] = f"{speed_header(sizes)}; the encoder compiled as train.compile does"
     if not sizes.compile:
         out["skipped"] = "--smoke: compiling takes minutes"
         return
-    out.update(train_rate(device, sizes, None, compiled=True))
-    log(f"train_speed_compiled: {out}")
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+        out[precision] = train_rate(device, sizes, dtype, compiled=True)
+        log(f"train_speed_compiled {precision}: {out[precision]}")
 
 
 def section_train_run(device: torch.device, sizes: Sizes, args: argparse.Namespace,

@@ -20,8 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hmaml.errors import HmamlError
 
+#: ``train.mixed_precision``: auto picks bf16 where the hardware runs it fast (hmaml.precision).
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
 ADAPT = ("head", "all")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 NONFINITE = ("stop", "skip")
 
 # Keys whose values fix the parameter and optimizer-state shapes: a checkpoint can only be
@@ -86,7 +88,8 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.3
     weight_decay: float = 0.0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # the encoder's precision: auto (bf16 where fast), no, bf16, fp16
+    compile: bool = False  # torch.compile the encoder (faster on GPUs; not with method.adapt=all)
     max_grad_norm: float | None = None
     progress: bool = True
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop with an error, or skip the step
@@ -98,7 +101,8 @@ class EvalConfig:
     val_episodes: int = 100
     test_episodes: int = 600
     seed: int = 1234  # seeds the fixed validation and test episode lists
-    tasks_per_batch: int = 50
+    tasks_per_batch: int | None = None  # None: as many as eval.memory_mb allows
+    memory_mb: float = 256  # about the largest activation one evaluation batch may allocate
     every: int = 1  # validate every `every` epochs
     test_repeats: int = 1  # independent test lists: mean ± std of their means (the paper: 5)
 
@@ -412,13 +416,19 @@ def _check(cfg: Config, source_of: Any) -> None:
         fail("train.lr_gamma", "must be in (0, 1]")
     at_least("train.weight_decay", t.weight_decay, 0)
     one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    if t.compile and m.name == "maml" and m.adapt == "all":
+        fail("train.compile", "cannot run with method.adapt=all: MAML's inner steps "
+             "differentiate through the encoder, which compiled graphs do not support (double "
+             "backward); use train.compile=false")
     if t.max_grad_norm is not None:
         positive("train.max_grad_norm", t.max_grad_norm)
     one_of("train.nonfinite", t.nonfinite, NONFINITE)
     at_least("train.nonfinite_patience", t.nonfinite_patience, 1)
     at_least("eval.val_episodes", e.val_episodes, 1)
     at_least("eval.test_episodes", e.test_episodes, 1)
-    at_least("eval.tasks_per_batch", e.tasks_per_batch, 1)
+    if e.tasks_per_batch is not None:
+        at_least("eval.tasks_per_batch", e.tasks_per_batch, 1)
+    positive("eval.memory_mb", e.memory_mb)
     at_least("eval.every", e.every, 1)
     at_least("eval.test_repeats", e.test_repeats, 1)
     if d.val_split == d.test_split:  # both are read from the evaluation pack

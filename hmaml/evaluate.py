@@ -41,22 +41,24 @@ def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
     return float(acc.mean()), float(1.96 * acc.std() / math.sqrt(acc.size))
 
 
-def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator, autocast=None
-             ) -> EvalResult:
+def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator) -> EvalResult:
     """Classify this rank's episodes, gather all ranks' results, return them in episode order.
 
-    ``method`` may be wrapped (DDP); adaptation runs without building an autograd graph
-    (MAML's inner gradients come from closed forms or ``torch.func``, which ignore ``no_grad``).
+    ``method`` may be wrapped (DDP). Adaptation builds no autograd graph: it runs under
+    ``torch.inference_mode`` where it takes no gradient, else under ``no_grad`` (whole-network
+    MAML switches gradients back on for its inner steps only). The encoder runs in the
+    method's precision, as in training.
     """
     device = accelerator.device
     rows = [torch.empty(0, 4, dtype=torch.float64, device=device)]  # a rank may have none
+    # DDP and DeepSpeed keep the method as .module (Accelerate's unwrap_model would import
+    # DeepSpeed, seconds of a short evaluation)
+    unwrapped: Method = getattr(method, "module", method)
     method.eval()
-    with torch.no_grad():
+    with torch.no_grad() if unwrapped.adapts_with_autograd else torch.inference_mode():
         for batch in batches:
             tasks = batch.tasks.to(device, non_blocking=True)
-            with autocast() if autocast is not None else torch.autocast(device.type,
-                                                                         enabled=False):
-                out = method(tasks)
+            out = method(tasks)
             no_norm = torch.full((tasks.num_tasks,), math.nan, device=device)
             rows.append(torch.stack([
                 batch.indices.to(device).double(), out.accuracy(tasks.query_y).double(),

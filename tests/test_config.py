@@ -139,7 +139,7 @@ def test_round_trips() -> None:
     (["method.name=reptile"], ["method.name", "reptile", "hypermaml, maml, protonet"]),
     (["model.encoder=vgg"], ["model.encoder", "conv4, conv4pool, resnet10, resnet12"]),
     (["method.adapt=body"], ["method.adapt", "head, all"]),
-    (["train.mixed_precision=fp8"], ["train.mixed_precision", "no, bf16, fp16"]),
+    (["train.mixed_precision=fp8"], ["train.mixed_precision", "auto, no, bf16, fp16"]),
     (["data.n_way=1"], ["data.n_way=1", ">= 2"]),
     (["train.meta_batch=0"], ["train.meta_batch=0"]),
     (["method.warmup_start=-1"], ["method.warmup_start=-1"]),
@@ -148,6 +148,9 @@ def test_round_trips() -> None:
     (["train.grad_accum=0"], ["train.grad_accum=0", ">= 1"]),
     (["data.augment=crop"], ["data.augment", "natural"]),
     (["train.lr"], ["key.sub=value"]),
+    (["method.name=maml", "method.adapt=all", "train.compile=true"],
+     ["train.compile", "method.adapt=all", "train.compile=false"]),
+    (["eval.memory_mb=0"], ["eval.memory_mb"]),
 ])
 def test_bad_overrides_are_refused_naming_the_key(overrides: list[str],
                                                   culprits: list[str]) -> None:

@@ -148,6 +148,27 @@ def test_dataloader_workers_exact_count_and_repeatable(pack: Path) -> None:
                             episodes=10, seed=4)) == 4
 
 
+def test_persistent_workers_see_each_new_epoch(pack: Path) -> None:
+    """Workers live across epochs (same processes), yet every epoch draws that epoch's tasks:
+    set_epoch reaches them through shared memory."""
+    loader = train_loader(pack, "train", n_way=5, n_shot=2, n_query=3, tasks_per_batch=3,
+                          episodes=6, seed=4, workers=2)
+    assert loader.persistent_workers
+    epochs, pids = [], []
+    for epoch in range(3):
+        loader.dataset.set_epoch(epoch)
+        batches = iter(loader)
+        epochs.append(list(batches))
+        pids.append(sorted(w.pid for w in batches._workers))
+    assert pids[0] == pids[1] == pids[2]
+    for epoch, got in enumerate(epochs):
+        alone = stream(pack, tasks_per_batch=3, seed=4, episodes=6, epoch=epoch)
+        expected = [b for pair in zip(alone.batches(0, 2), alone.batches(1, 2), strict=True)
+                    for b in pair]
+        assert all(same(a, b) for a, b in zip(got, expected, strict=True)), epoch
+    assert not same(epochs[0][0], epochs[1][0])
+
+
 def test_stream_pickles_for_spawned_workers(pack: Path) -> None:
     s = stream(pack, augment="natural")
     assert same(concat(pickle.loads(pickle.dumps(s)).batches(0, 1)), concat(s.batches(0, 1)))

@@ -19,49 +19,64 @@ def test_encoder_output_shapes(name: str, channels: int, size: int, dim: int) ->
     assert out.shape == (2, 3, dim) and encoder.feat_dim == dim
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("name", list(ENCODERS))
-def test_stacked_tasks_equal_tasks_run_alone(name: str) -> None:
+def test_stacked_tasks_equal_tasks_run_alone(name: str, channels_last: bool) -> None:
+    """Embeddings and parameter gradients of 3 stacked tasks equal those of each task run
+    alone (float64): per-task statistics, shared weights, nothing mixed between tasks."""
     torch.manual_seed(0)
     size = 16
     encoder = build_encoder(name, 1, size).double()
     x = torch.rand(3, 7, 1, size, size, dtype=torch.float64)
     x[1] *= 5.0  # very different statistics per task: any mixing would show
-    stacked = encoder(x, split=4)
+    params = list(encoder.parameters()) or [x.requires_grad_()]  # Pixels: the input's grad
+    probe = torch.randn(3, 7, encoder.feat_dim, dtype=torch.float64)
+    stacked = encoder(x, channels_last=channels_last)
+    stacked_grads = torch.autograd.grad((stacked * probe).sum(), params)
+    alone_grads = [torch.zeros_like(p) for p in params]
     for t in range(3):
-        alone_support = encoder(x[t : t + 1, :4])
-        alone_query = encoder(x[t : t + 1, 4:])
-        torch.testing.assert_close(stacked[t, :4], alone_support[0])
-        torch.testing.assert_close(stacked[t, 4:], alone_query[0])
+        alone = encoder(x[t : t + 1], channels_last=channels_last)
+        torch.testing.assert_close(stacked[t], alone[0])
+        grads = torch.autograd.grad((alone * probe[t]).sum(), params)
+        for total, g in zip(alone_grads, grads, strict=True):
+            total += g
+    for got, want in zip(stacked_grads, alone_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
-def test_batchnorm_uses_batch_statistics_of_the_group() -> None:
-    from hmaml.models.norm import Groups, TaskBatchNorm2d
-
-    bn = TaskBatchNorm2d(2)
-    x = torch.randn(2 * 5, 2, 3, 3) * 4 + 7
-    y = bn(x, Groups(tasks=2)).view(2, 5, 2, 3, 3)
-    torch.testing.assert_close(y.mean(dim=(1, 3, 4)), torch.zeros(2, 2), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.var(dim=(1, 3, 4), correction=0), torch.ones(2, 2),
-                               atol=1e-3, rtol=0)
-
-
-def test_batchnorm_equals_torch_batch_norm_per_group_with_affine_and_split() -> None:
-    """Tasks of 7 examples cut 3 + 4 (support / query), non-trivial weight and bias: each
-    group equals F.batch_norm run on that group alone (training mode, batch statistics)."""
-    from hmaml.models.norm import Groups, TaskBatchNorm2d
+def test_batchnorm_normalises_each_task_with_its_own_statistics() -> None:
+    """Tasks side by side in the channels ``[B, T * C, H, W]``: each task's slice equals
+    F.batch_norm run on that slice alone, with the shared weight and bias (training mode)."""
+    from hmaml.models.norm import TaskBatchNorm2d
 
     bn = TaskBatchNorm2d(3).double()
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.5, -2.0, 3.0]))
         bn.bias.copy_(torch.tensor([1.0, 0.0, -4.0]))
-    x = (torch.randn(2 * 7, 3, 4, 4, dtype=torch.float64) * 3 + 5).contiguous(
-        memory_format=torch.channels_last)
-    y = bn(x, Groups(tasks=2, split=3))
-    for t in range(2):
-        for rows in (slice(7 * t, 7 * t + 3), slice(7 * t + 3, 7 * t + 7)):
-            expected = F.batch_norm(x[rows], None, None, bn.weight, bn.bias, training=True,
-                                    eps=bn.eps)
-            torch.testing.assert_close(y[rows], expected)
+    x = torch.randn(7, 2 * 3, 4, 4, dtype=torch.float64) * 3 + 5
+    x[:, 3:] = x[:, 3:] * 10 - 20
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = bn(x.contiguous(memory_format=layout), tasks=2)
+        for t in range(2):
+            expected = F.batch_norm(x[:, 3 * t : 3 * t + 3], None, None, bn.weight, bn.bias,
+                                    training=True, eps=bn.eps)
+            torch.testing.assert_close(y[:, 3 * t : 3 * t + 3], expected)
+        per_task = y.view(7, 2, 3, 4, 4)
+        torch.testing.assert_close(per_task.mean(dim=(0, 3, 4)),
+                                   bn.bias.expand(2, 3), atol=1e-9, rtol=0)
+
+
+def test_conv_shares_its_weights_across_tasks() -> None:
+    from hmaml.models.norm import TaskConv2d
+
+    conv = TaskConv2d(2, 4, 3, stride=2, padding=1).double()
+    x = torch.randn(5, 3 * 2, 9, 9, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = conv(x.contiguous(memory_format=layout), tasks=3)
+        for t in range(3):
+            torch.testing.assert_close(y[:, 4 * t : 4 * t + 4],
+                                       F.conv2d(x[:, 2 * t : 2 * t + 2], conv.weight, conv.bias,
+                                                stride=2, padding=1))
 
 
 def test_unknown_encoder_is_named() -> None:
@@ -72,3 +87,21 @@ def test_unknown_encoder_is_named() -> None:
 def test_conv4_refuses_too_small_images() -> None:
     with pytest.raises(ValueError, match="image_size 8"):
         build_encoder("conv4", 1, 8)
+
+
+def test_a_compiled_encoder_keeps_its_parameter_names_and_results() -> None:
+    """train.compile compiles the encoder in place: checkpoints and DDP see the same names,
+    and logits and gradients match eager mode (fp32, to the rounding of fused kernels)."""
+    from tests.method_fixtures import build, random_tasks
+
+    batch = random_tasks()
+    eager, compiled = build("hypermaml", switch=False), build("hypermaml", switch=False)
+    names = list(compiled.state_dict())
+    compiled.encoder.compile()
+    assert list(compiled.state_dict()) == names
+    outs = [model(batch) for model in (eager, compiled)]
+    grads = [torch.autograd.grad(out.loss, list(model.parameters()))
+             for out, model in zip(outs, (eager, compiled), strict=True)]
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)

@@ -26,6 +26,7 @@ from tests.train_fixtures import (
 )
 
 __all__ = ["tiny_pack", "uninterrupted"]  # the fixture, re-exported for pytest
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize(("method", "accum", "worlds"), [
@@ -230,3 +231,51 @@ def test_accuracies_are_reported_in_percent(uninterrupted: Path) -> None:
             .splitlines()]
     assert all(0 <= row["train_acc"] <= 100 for row in rows)
     assert any(row["train_acc"] > 1 for row in rows)  # not a fraction: chance is 20 %
+
+
+def test_evaluation_batches_fit_the_memory_budget_and_do_not_change_results(
+        tiny_pack: Path, tmp_path: Path) -> None:
+    """Unset, eval.tasks_per_batch comes from eval.memory_mb (the widest activation: 64
+    channels of 28 px for 5 x 15 query images, 3 live, 4 bytes); the accuracies of a fixed
+    episode list do not depend on it (fp32: with bf16, another group count of the grouped
+    convolutions rounds otherwise, which can flip a near-tie of an untrained model)."""
+    from accelerate import Accelerator
+
+    from hmaml.evaluate import evaluate
+    from hmaml.precision import resolve_precision
+    from hmaml.train.build import build_model, episodes_of, eval_tasks_per_batch, open_packs
+
+    cfg = tiny_config(tiny_pack, tmp_path / "run", **{"eval.tasks_per_batch": "null",
+                                                      "train.mixed_precision": "no"})
+    packs = open_packs(cfg)
+    per_task = 5 * 15 * 64 * packs.image["size"] ** 2 * 4 * 3
+    assert eval_tasks_per_batch(cfg, packs, 15) == int(256 * 2**20 // per_task)
+    cfg.eval.memory_mb = 1
+    assert eval_tasks_per_batch(cfg, packs, 15) == 1
+    cfg.eval.memory_mb = 1e6
+    assert eval_tasks_per_batch(cfg, packs, 15) == 100
+    cfg.eval.tasks_per_batch = 3
+    assert eval_tasks_per_batch(cfg, packs, 15) == 3
+
+    accelerator = Accelerator(cpu=True)
+    method = build_model(cfg, packs, resolve_precision(cfg.train.mixed_precision, CPU))
+    method.set_tested()
+    results = []
+    for tasks in (1, 7):
+        cfg.eval.tasks_per_batch = tasks
+        loader = episodes_of(cfg, packs, cfg.data.test_split, 14, 15, rank=0, world=1)
+        assert {len(b.indices) for b in loader} == ({1} if tasks == 1 else {7})
+        results.append(evaluate(method, loader, accelerator).accuracies)
+    assert results[0].tolist() == results[1].tolist()
+
+
+def test_the_benchmark_times_an_evaluation_process_and_its_own_peak_memory(
+        uninterrupted: Path) -> None:
+    """The peak is the evaluation's own (VmHWM), not the benchmark's that forked it."""
+    from hmaml.bench_train import evaluate_process
+
+    ballast = torch.ones(1200 * 2**20 // 4)  # 1.2 GB in this process before the fork
+    figures = evaluate_process(uninterrupted, 8)
+    assert figures["evaluate_s"] > 0
+    assert 100 < figures["evaluate_peak_mb"] < 1000, figures
+    del ballast

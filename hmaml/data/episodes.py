@@ -339,9 +339,9 @@ class EpisodeStream(IterableDataset):
     draws from what its worker's buffer holds.
     ``buffer_mb`` bounds the class buffer of each worker; memory per rank is about
     workers x (buffer_mb + one meta-batch), except that a split that fits is loaded once in the
-    parent process and shared by forked workers. Call :meth:`set_epoch` before each epoch; it
-    reaches the workers because the DataLoader re-creates them per epoch (do not use
-    ``persistent_workers``).
+    parent process and shared by forked workers. Call :meth:`set_epoch` before each epoch: the
+    epoch lives in shared memory, so persistent DataLoader workers read the new one when the
+    next epoch's iterator starts them over (no worker is re-created per epoch).
     """
 
     def __init__(self, pack_dir: str | Path, split: str, *, n_way: int, n_shot: int,
@@ -374,14 +374,19 @@ class EpisodeStream(IterableDataset):
         if not batches or not all(batches):
             raise HmamlError("every meta-batch of the stream needs at least one task")
         self.task_batches = batches
-        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self.seed, self.rank = seed, rank
+        self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
         self.image_size = image_size or self.info.image_shape[0]
         self.augment = augment
         self.transform = build_transform(augment, self.image_size)
         self._resident: list[np.ndarray] | None = None
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch  # shared memory: persistent workers see it at their next epoch
 
     def __len__(self) -> int:
         """Meta-batches per epoch for this rank."""
@@ -399,11 +404,12 @@ class EpisodeStream(IterableDataset):
 
     def batches(self, worker: int, num_workers: int) -> Iterator[TaskBatch]:
         """The meta-batches ``worker, worker + num_workers, ...`` of this rank's epoch."""
+        epoch = self.epoch
         if self.fits:
             self.preload()
             source: ResidentClasses | StreamBuffer = ResidentClasses(self._resident)
         else:
-            order = _generator(_STREAM, self.seed, self.rank, worker, self.epoch)
+            order = _generator(_STREAM, self.seed, self.rank, worker, epoch)
             source = StreamBuffer(stream_classes(self.shards, self.info, order), self.budget)
         per_class = self.n_shot + self.n_query
         for b in range(worker, len(self), num_workers):
@@ -411,13 +417,13 @@ class EpisodeStream(IterableDataset):
             images = TaskImages(len(indices), self.n_way, self.n_shot, self.n_query,
                                 self.info.image_shape)
             for task, index in enumerate(indices):
-                generator = _generator(_SAMPLE, self.seed, self.epoch, index)
+                generator = _generator(_SAMPLE, self.seed, epoch, index)
                 classes = source.draw(self.n_way, generator)
                 counts = np.array([len(c) for c in classes])
                 images.put(task, classes, sample_images(counts, per_class, generator))
                 source.advance()  # after the copy: an evicted class is never held past its turn
             augment = None if self.augment is None else [
-                _generator(_AUGMENT, self.seed, self.epoch, index) for index in indices]
+                _generator(_AUGMENT, self.seed, epoch, index) for index in indices]
             yield images.to_batch(self.transform, augment)
 
 
@@ -439,7 +445,8 @@ def train_loader(pack_dir: str | Path, split: str, *, n_way: int, n_shot: int, n
     method = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]
     if workers > 0 and method == "fork":
         stream.preload()  # forked workers share these pages instead of each reading the split
-    return DataLoader(stream, batch_size=None, num_workers=workers)
+    return DataLoader(stream, batch_size=None, num_workers=workers,
+                      persistent_workers=workers > 0)
 
 
 # ----------------------------------------------------------------------------- evaluation

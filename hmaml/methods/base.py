@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from hmaml.errors import HmamlError
-from hmaml.methods.functional import task_accuracy
+from hmaml.methods.functional import at_least_fp32, task_accuracy
 from hmaml.models import Encoder
 from hmaml.tasks import TaskBatch
 
@@ -48,7 +49,8 @@ class Method(nn.Module):
     """A few-shot learner: ``forward(batch)`` adapts to all T tasks in one vectorised pass.
 
     Methods know nothing of data loading or distributed training; the training loop calls
-    :meth:`set_epoch` once per epoch for schedules that depend on it.
+    :meth:`set_epoch` once per epoch for schedules that depend on it. Subclasses implement
+    :meth:`classify`; only the encoder runs in the reduced precision (``encoder_dtype``).
     """
 
     #: The MAML weight p of HyperMAML's warm-up switch at the current epoch; 0 for methods
@@ -59,6 +61,8 @@ class Method(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.n_way = n_way
+        #: autocast dtype of the encoder (bf16/fp16), None for fp32: see hmaml.precision
+        self.encoder_dtype: torch.dtype | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Hook for epoch-dependent behaviour (HyperMAML's warm-up switch)."""
@@ -71,11 +75,22 @@ class Method(nn.Module):
         so Adam keeps no state for them (HyperMAML's hypernetwork while p = 1)."""
         return []
 
+    @property
+    def adapts_with_autograd(self) -> bool:
+        """Whether adapting to a task takes autograd gradients (then evaluation cannot run
+        under ``torch.inference_mode``)."""
+        return False
+
+    def encoder_precision(self, device_type: str) -> AbstractContextManager:
+        """Autocast to ``encoder_dtype`` around encoder calls (a no-op context for fp32)."""
+        return torch.autocast(device_type, dtype=self.encoder_dtype,
+                              enabled=self.encoder_dtype is not None)
+
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """Support and query embeddings from one encoder pass, normalised separately per task."""
-        n_support = batch.support_x.shape[1]
-        emb = self.encoder(torch.cat([batch.support_x, batch.query_x], dim=1), split=n_support)
-        return emb[:, :n_support], emb[:, n_support:]
+        """fp32 support and query embeddings; each set of each task has its own statistics."""
+        with self.encoder_precision(batch.support_x.device.type):
+            support, query = self.encoder(batch.support_x), self.encoder(batch.query_x)
+        return at_least_fp32(support), at_least_fp32(query)
 
     def check(self, batch: TaskBatch) -> None:
         """Cheap shape checks (no device sync) that name what is wrong."""
@@ -96,4 +111,12 @@ class Method(nn.Module):
                              f"N*K for n_way={self.n_way}")
 
     def forward(self, batch: TaskBatch) -> MethodOutput:
+        """Check ``batch``, then adapt and classify in fp32 whatever autocast surrounds the call
+        (Accelerate's fp16 wraps the whole forward): the encoder alone runs in ``encoder_dtype``."""
+        self.check(batch)
+        with torch.autocast(batch.support_x.device.type, enabled=False):
+            return self.classify(batch)
+
+    def classify(self, batch: TaskBatch) -> MethodOutput:
+        """Adapt to every task of ``batch`` and classify its queries."""
         raise NotImplementedError

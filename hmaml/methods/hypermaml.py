@@ -103,8 +103,7 @@ class HyperMAML(Method):
         out = self.hypernet(class_means(inputs, onehot))
         return out[..., :-1], out[..., -1]
 
-    def forward(self, batch: TaskBatch) -> MethodOutput:
-        self.check(batch)
+    def classify(self, batch: TaskBatch) -> MethodOutput:
         support, query = self.embed(batch)
         onehot = one_hot(batch.support_y, self.n_way, support.dtype)
         weight0, bias0 = self.head.expand(batch.num_tasks)

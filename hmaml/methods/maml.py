@@ -2,20 +2,20 @@
 
 Adapting the head only uses the closed-form softmax-regression gradient for all tasks at once
 (:func:`~hmaml.methods.functional.sgd_head_steps`): no autograd at adaptation time, exact
-second-order meta-gradients through it. Adapting the whole network maps a per-task
-``torch.func.grad`` over the tasks with ``torch.func.vmap``.
+second-order meta-gradients through it. Adapting the whole network runs the T tasks' own
+weights side by side in one encoder call (grouped convolutions, per-task BatchNorm).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
 from hmaml.errors import HmamlError
 from hmaml.methods.base import LinearHead, Method, MethodOutput
 from hmaml.methods.functional import (
+    at_least_fp32,
     linear_logits,
     one_hot,
     sgd_head_steps,
@@ -42,8 +42,11 @@ class MAML(Method):
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.first_order, self.adapt = first_order, adapt
 
-    def forward(self, batch: TaskBatch) -> MethodOutput:
-        self.check(batch)
+    @property
+    def adapts_with_autograd(self) -> bool:
+        return self.adapt == "all" and self.inner_steps > 0
+
+    def classify(self, batch: TaskBatch) -> MethodOutput:
         if self.adapt == "all":
             return self._forward_all(batch)
         support, query = self.embed(batch)
@@ -57,37 +60,32 @@ class MAML(Method):
                             *update_norms(weight, bias, weight0, bias0))
 
     def _forward_all(self, batch: TaskBatch) -> MethodOutput:
-        params = dict(self.named_parameters())
-        task_fn = _whole_network_task(self, self.inner_steps, self.inner_lr, self.first_order)
-        logits, w_norm, b_norm = vmap(task_fn, in_dims=(None, 0, 0, 0))(
-            params, batch.support_x, batch.support_y, batch.query_x)
+        """Every parameter adapted per task: the T tasks' weights lie side by side in one
+        encoder call (grouped convolutions, see :mod:`hmaml.models.norm`), and one
+        ``autograd.grad`` of the summed support losses gives each task its own gradient."""
+        tasks = batch.num_tasks
+        second_order = not self.first_order and torch.is_grad_enabled()
+        with torch.enable_grad():  # adaptation needs gradients, also when evaluating
+            start = {name: p.unsqueeze(0).expand(tasks, *p.shape)
+                     for name, p in self.named_parameters()}
+            adapted = start
+            for _ in range(self.inner_steps):
+                loss = task_cross_entropy(self._logits_with(adapted, batch.support_x),
+                                          batch.support_y).sum()
+                grads = torch.autograd.grad(loss, list(adapted.values()),
+                                            create_graph=second_order)
+                adapted = {name: value - self.inner_lr * g
+                           for (name, value), g in zip(adapted.items(), grads, strict=True)}
+        logits = self._logits_with(adapted, batch.query_x)
         task_loss = task_cross_entropy(logits, batch.query_y)
-        return MethodOutput(logits, task_loss.mean(), task_loss, w_norm, b_norm)
+        return MethodOutput(logits, task_loss.mean(), task_loss,
+                            *update_norms(adapted["head.weight"], adapted["head.bias"],
+                                          start["head.weight"], start["head.bias"]))
 
-
-def _whole_network_task(model: MAML, steps: int, lr: float, first_order: bool) -> Callable:
-    """One task's adaptation of every parameter, written for ``vmap`` over tasks."""
-
-    def logits_fn(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        enc = {k.removeprefix("encoder."): v for k, v in params.items()
-               if k.startswith("encoder.")}
-        emb = functional_call(model.encoder, enc, (x.unsqueeze(0),), {"channels_last": False})
-        return linear_logits(emb, params["head.weight"].unsqueeze(0),
-                             params["head.bias"].unsqueeze(0)).squeeze(0)
-
-    def support_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return task_cross_entropy(logits_fn(params, x).unsqueeze(0), y.unsqueeze(0)).squeeze(0)
-
-    def run(params: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor
-            ) -> tuple[Tensor, Tensor, Tensor]:
-        adapted = params
-        for _ in range(steps):
-            grads = grad(support_loss)(adapted, sx, sy)
-            adapted = {k: v - lr * (grads[k].detach() if first_order else grads[k])
-                       for k, v in adapted.items()}
-        w_norm = (adapted["head.weight"] - params["head.weight"]).norm().detach()
-        b_norm = (adapted["head.bias"] - params["head.bias"]).norm().detach()
-        return logits_fn(adapted, qx), w_norm, b_norm
-
-    return run
-
+    def _logits_with(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Logits of images ``x [T, B, ...]`` under per-task parameters ``[T, ...]``."""
+        encoder = {name.removeprefix("encoder."): value for name, value in params.items()
+                   if name.startswith("encoder.")}
+        with self.encoder_precision(x.device.type):
+            emb = functional_call(self.encoder, encoder, (x,))
+        return linear_logits(at_least_fp32(emb), params["head.weight"], params["head.bias"])

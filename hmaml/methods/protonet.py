@@ -12,8 +12,7 @@ from hmaml.tasks import TaskBatch
 class ProtoNet(Method):
     """logits = -||e_q - c_n||^2 with c_n the mean support embedding of class n."""
 
-    def forward(self, batch: TaskBatch) -> MethodOutput:
-        self.check(batch)
+    def classify(self, batch: TaskBatch) -> MethodOutput:
         support, query = self.embed(batch)
         protos = class_means(support, one_hot(batch.support_y, self.n_way, support.dtype))
         # ||q||^2 - 2 q.c + ||c||^2, all tasks in one batched matmul

@@ -1,8 +1,9 @@
 """Few-shot encoders: Conv4, Conv4Pool, ResNet-10 and ResNet-12, all with per-task BatchNorm.
 
-Every encoder maps images ``[T, B, C, H, W]`` to embeddings ``[T, B, D]``. Convolutions see one
-flat batch of ``T * B`` images (one kernel launch for all tasks); only the normalisation looks at
-task boundaries (see :mod:`hmaml.models.norm`).
+Every encoder maps images ``[T, B, C, H, W]`` to embeddings ``[T, B, D]``, each task normalised
+with its own statistics. Inside, the tasks lie side by side in the channels, ``[B, T * C, H, W]``
+(see :mod:`hmaml.models.norm`): one grouped convolution and one native BatchNorm call serve all
+tasks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from hmaml.models.norm import Groups, TaskBatchNorm2d
+from hmaml.models.norm import TaskBatchNorm2d, TaskConv2d
 
 
 class Encoder(nn.Module):
@@ -19,22 +20,30 @@ class Encoder(nn.Module):
 
     feat_dim: int
 
-    def features(self, x: Tensor, groups: Groups) -> Tensor:
+    @classmethod
+    def widest_activation(cls, in_channels: int, image_size: int) -> int:
+        """Values per image in the encoder's largest activation (what bounds the memory of an
+        evaluation batch): the 64 channels of the first layer at full resolution."""
+        del in_channels
+        return 64 * image_size * image_size
+
+    def features(self, x: Tensor, tasks: int) -> Tensor:
+        """``[B, T * C, H, W]`` -> ``[B, T * D', ...]`` (the tasks still side by side)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, split: int | None = None, channels_last: bool = True) -> Tensor:
-        """Embed ``[T, B, C, H, W]``; ``split`` gives the examples ``[:split]`` own statistics.
+    def forward(self, x: Tensor, channels_last: bool = True) -> Tensor:
+        """Embed ``[T, B, C, H, W]``: each task's B examples are normalised together.
 
-        Channels-last layout makes CPU convolutions and pooling faster and the per-task reduction
-        a free view; ``channels_last=False`` is for callers under ``torch.func.vmap``, which
-        cannot change memory formats.
+        Channels-last layout is what CPU (oneDNN) and CUDA (cuDNN, bf16) convolutions run
+        fastest; ``channels_last=False`` is for callers under ``torch.func.vmap``, which cannot
+        change memory formats.
         """
         tasks, examples = x.shape[:2]
-        flat = x.reshape(tasks * examples, *x.shape[2:])
+        side_by_side = x.transpose(0, 1).reshape(examples, tasks * x.shape[2], *x.shape[3:])
         if channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        out = self.features(flat, Groups(tasks, split))
-        return out.reshape(tasks, examples, -1)
+            side_by_side = side_by_side.contiguous(memory_format=torch.channels_last)
+        out = self.features(side_by_side, tasks)
+        return out.reshape(examples, tasks, -1).transpose(0, 1)
 
 
 class Pixels(Encoder):
@@ -44,23 +53,28 @@ class Pixels(Encoder):
         super().__init__()
         self.feat_dim = in_channels * image_size * image_size
 
-    def features(self, x: Tensor, groups: Groups) -> Tensor:
-        return x.flatten(1)
+    @classmethod
+    def widest_activation(cls, in_channels: int, image_size: int) -> int:
+        return in_channels * image_size * image_size
+
+    def features(self, x: Tensor, tasks: int) -> Tensor:
+        return x
 
 
 class ConvBlock(nn.Module):
-    """conv3x3 -> per-task BN -> ReLU -> maxpool 2."""
+    """conv3x3 -> per-task BN -> maxpool 2 -> ReLU (the ReLU commutes with the max, so it runs
+    on the pooled quarter of the pixels)."""
 
     def __init__(self, cin: int, cout: int, pool: bool = True) -> None:
         super().__init__()
         # no bias: the per-task BatchNorm right after it would subtract it again
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv = TaskConv2d(cin, cout, 3, padding=1, bias=False)
         self.bn = TaskBatchNorm2d(cout)
         self.pool = pool
 
-    def forward(self, x: Tensor, groups: Groups) -> Tensor:
-        x = F.relu_(self.bn(self.conv(x), groups))
-        return F.max_pool2d(x, 2) if self.pool else x
+    def forward(self, x: Tensor, tasks: int) -> Tensor:
+        x = self.bn(self.conv(x, tasks), tasks)
+        return F.relu(F.max_pool2d(x, 2) if self.pool else x)
 
 
 class Conv4(Encoder):
@@ -79,10 +93,10 @@ class Conv4(Encoder):
             raise ValueError(f"image_size {image_size} is too small for Conv4 (needs >= 16)")
         self.feat_dim = width if global_pool else width * side * side
 
-    def features(self, x: Tensor, groups: Groups) -> Tensor:
+    def features(self, x: Tensor, tasks: int) -> Tensor:
         for block in self.blocks:
-            x = block(x, groups)
-        return x.mean(dim=(2, 3)) if self.global_pool else x.flatten(1)
+            x = block(x, tasks)
+        return x.mean(dim=(2, 3)) if self.global_pool else x
 
 
 class Conv4Pool(Conv4):
@@ -97,19 +111,19 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = TaskConv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = TaskBatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = TaskConv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = TaskBatchNorm2d(cout)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut = TaskConv2d(cin, cout, 1, stride, bias=False)
             self.shortcut_bn = TaskBatchNorm2d(cout)
 
-    def forward(self, x: Tensor, groups: Groups) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x), groups))
-        out = self.bn2(self.conv2(out), groups)
-        skip = x if self.shortcut is None else self.shortcut_bn(self.shortcut(x), groups)
+    def forward(self, x: Tensor, tasks: int) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x, tasks), tasks))
+        out = self.bn2(self.conv2(out, tasks), tasks)
+        skip = x if self.shortcut is None else self.shortcut_bn(self.shortcut(x, tasks), tasks)
         return F.relu(out + skip)
 
 
@@ -120,7 +134,7 @@ class ResNet10(Encoder):
                  widths: tuple[int, ...] = (64, 128, 256, 512)) -> None:
         super().__init__()
         del image_size  # global pooling makes the embedding size independent of it
-        self.stem = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+        self.stem = TaskConv2d(in_channels, widths[0], 7, 2, 3, bias=False)
         self.stem_bn = TaskBatchNorm2d(widths[0])
         cins = (widths[0], *widths[:-1])
         self.stages = nn.ModuleList(
@@ -128,11 +142,16 @@ class ResNet10(Encoder):
             enumerate(zip(cins, widths, strict=True)))
         self.feat_dim = widths[-1]
 
-    def features(self, x: Tensor, groups: Groups) -> Tensor:
-        x = F.relu(self.stem_bn(self.stem(x), groups))
+    @classmethod
+    def widest_activation(cls, in_channels: int, image_size: int) -> int:
+        side = (image_size + 1) // 2  # the stride-2 stem
+        return 64 * side * side
+
+    def features(self, x: Tensor, tasks: int) -> Tensor:
+        x = F.relu(self.stem_bn(self.stem(x, tasks), tasks))
         x = F.max_pool2d(x, 3, 2, 1)
         for stage in self.stages:
-            x = stage(x, groups)
+            x = stage(x, tasks)
         return x.mean(dim=(2, 3))
 
 
@@ -142,18 +161,18 @@ class ResNet12Block(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            nn.Conv2d(cin if i == 0 else cout, cout, 3, 1, 1, bias=False) for i in range(3))
+            TaskConv2d(cin if i == 0 else cout, cout, 3, 1, 1, bias=False) for i in range(3))
         self.bns = nn.ModuleList(TaskBatchNorm2d(cout) for _ in range(3))
-        self.shortcut = nn.Conv2d(cin, cout, 1, bias=False)
+        self.shortcut = TaskConv2d(cin, cout, 1, bias=False)
         self.shortcut_bn = TaskBatchNorm2d(cout)
 
-    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+    def forward(self, x: Tensor, tasks: int) -> Tensor:
         out = x
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
-            out = bn(conv(out), groups)
+            out = bn(conv(out, tasks), tasks)
             if i < 2:
                 out = F.leaky_relu(out, 0.1)
-        out = F.leaky_relu(out + self.shortcut_bn(self.shortcut(x), groups), 0.1)
+        out = F.leaky_relu(out + self.shortcut_bn(self.shortcut(x, tasks), tasks), 0.1)
         return F.max_pool2d(out, 2)
 
 
@@ -169,7 +188,7 @@ class ResNet12(Encoder):
             ResNet12Block(cin, cout) for cin, cout in zip(cins, widths, strict=True))
         self.feat_dim = widths[-1]
 
-    def features(self, x: Tensor, groups: Groups) -> Tensor:
+    def features(self, x: Tensor, tasks: int) -> Tensor:
         for block in self.blocks:
-            x = block(x, groups)
+            x = block(x, tasks)
         return x.mean(dim=(2, 3))

@@ -17,7 +17,8 @@ from hmaml.data.episodes import EvalLoader, eval_loader
 from hmaml.data.format import MANIFEST_NAME, read_manifest
 from hmaml.errors import HmamlError
 from hmaml.methods import Method, build_method
-from hmaml.models import build_encoder
+from hmaml.models import ENCODERS, build_encoder
+from hmaml.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,34 @@ def open_packs(cfg: Config, *, train: bool = True) -> Packs:
     return Packs(Path(data.train_pack), eval_pack, train_manifest, eval_manifest)
 
 
-def build_model(cfg: Config, packs: Packs) -> Method:
-    """The config's method and encoder, initialised from ``cfg.seed``."""
+def build_model(cfg: Config, packs: Packs, precision: Precision) -> Method:
+    """The config's method and encoder, initialised from ``cfg.seed``, its encoder running in
+    ``precision``."""
     torch.manual_seed(cfg.seed)
     image = packs.image
     encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"])
-    return build_method(cfg.method, encoder, cfg.data.n_way)
+    method = build_method(cfg.method, encoder, cfg.data.n_way)
+    method.encoder_dtype = precision.dtype
+    if cfg.train.compile:
+        encoder.compile()  # in place: parameter names, checkpoints and DDP stay as they are
+    return method
+
+
+#: Live activations of the widest size during an evaluation forward (a layer's input, its
+#: convolution and normalisation outputs), each counted at 4 bytes (fp32; bf16 halves it).
+_LIVE_ACTIVATIONS = 3
+
+
+def eval_tasks_per_batch(cfg: Config, packs: Packs, n_query: int) -> int:
+    """``eval.tasks_per_batch``, or when unset as many tasks (1 to 100) as keep the widest
+    activation of one evaluation forward within about ``eval.memory_mb``."""
+    if cfg.eval.tasks_per_batch is not None:
+        return cfg.eval.tasks_per_batch
+    image = packs.image
+    per_image = ENCODERS[cfg.model.encoder].widest_activation(image["channels"], image["size"])
+    images = cfg.data.n_way * max(cfg.data.n_shot, n_query)  # support and query run apart
+    per_task = images * per_image * 4 * _LIVE_ACTIVATIONS
+    return max(1, min(100, int(cfg.eval.memory_mb * 2**20 // per_task)))
 
 
 def episodes_of(cfg: Config, packs: Packs, split: str, episodes: int, n_query: int, *,
@@ -66,8 +89,9 @@ def episodes_of(cfg: Config, packs: Packs, split: str, episodes: int, n_query: i
     data = cfg.data
     return eval_loader(packs.eval, split, n_way=data.n_way, n_shot=data.n_shot,
                        n_query=n_query, n_episodes=episodes, seed=cfg.eval.seed, rank=rank,
-                       world_size=world, tasks_per_batch=cfg.eval.tasks_per_batch,
+                       world_size=world,
+                       tasks_per_batch=eval_tasks_per_batch(cfg, packs, n_query),
                        image_size=packs.image["size"], repeat=repeat)
 
 
-__all__ = ["Packs", "build_model", "episodes_of", "open_packs"]
+__all__ = ["Packs", "build_model", "episodes_of", "eval_tasks_per_batch", "open_packs"]

@@ -41,6 +41,7 @@ from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
 from hmaml.files import read_json, write_json_atomic
 from hmaml.methods import Method
+from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
 from hmaml.train.build import build_model, episodes_of, open_packs
 from hmaml.train.checkpoint import (
@@ -77,8 +78,11 @@ def make_accelerator(cfg: Config):
     if deepspeed:
         check_engine("DeepSpeed", cfg.train.mixed_precision, on_cpu)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
+    # bf16 is autocast inside the method, around the encoder only (hmaml.precision);
+    # Accelerate's own mixed precision is needed for fp16 alone, for its loss scaler
+    fp16 = cfg.train.mixed_precision == "fp16"
     accelerator = Accelerator(cpu=on_cpu and not deepspeed,
-                              mixed_precision=cfg.train.mixed_precision, kwargs_handlers=handlers)
+                              mixed_precision="fp16" if fp16 else "no", kwargs_handlers=handlers)
     if accelerator.num_processes != expected:
         raise HmamlError(f"launched as {expected} processes (WORLD_SIZE) but Accelerate formed "
                          f"a group of {accelerator.num_processes}: on CPU use "
@@ -219,12 +223,15 @@ class Trainer:
         self.plan = make_plan(cfg, self.world, nodes=max(self.world // local, 1), engine=engine)
         self.steps = self.plan.rank_steps(accelerator.process_index)
         self.packs = open_packs(cfg)
-        self.method: Method = build_model(cfg, self.packs)
+        self.precision = resolve_precision(train.mixed_precision, accelerator.device)
+        self.method: Method = build_model(cfg, self.packs, self.precision)
         if self.deepspeed:  # DeepSpeed flattens parameters through views of contiguous memory
             for param in self.method.parameters():
                 param.data = param.data.contiguous()
+        # fused: one kernel for all parameters on CUDA (CPU keeps the default, same figures)
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=train.lr,
-                                          weight_decay=train.weight_decay)
+                                          weight_decay=train.weight_decay,
+                                          fused=accelerator.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(train.lr_milestones), gamma=train.lr_gamma)
         self.epoch, self.resume_step = 0, 0
@@ -474,7 +481,7 @@ def _header(trainer: Trainer, changes: list[str]) -> str:
         f"hmaml · {cfg.name}: {cfg.method.name} + {cfg.model.encoder}, {cfg.data.n_way}-way "
         f"{cfg.data.n_shot}-shot",
         f"  processes {acc.num_processes} on {acc.device} ({trainer.plan.engine}), "
-        f"mixed precision {cfg.train.mixed_precision}, host {socket.gethostname()}",
+        f"encoder precision {trainer.precision}, host {socket.gethostname()}",
         f"  data: {tm['dataset']} {cfg.data.train_split} {count(tm, cfg.data.train_split)} "
         f"classes -> {em['dataset']} {cfg.data.val_split} {count(em, cfg.data.val_split)} / "
         f"{cfg.data.test_split} {count(em, cfg.data.test_split)} classes",
@@ -528,6 +535,7 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
         if accelerator.is_main_process:
             tqdm.write(_header(trainer, changes))
         run_tags = {"world_size": accelerator.num_processes, "engine": trainer.plan.engine,
+                    "precision": trainer.precision.name,
                     "train_pack.manifest_sha256": _file_sha256(trainer.packs.train /
                                                                MANIFEST_NAME),
                     "eval_pack.manifest_sha256": _file_sha256(trainer.packs.eval /

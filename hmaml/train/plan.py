@@ -163,10 +163,10 @@ def deepspeed_requested() -> bool:
 
 def check_engine(engine: str, precision: str, on_cpu: bool) -> None:
     """Refuse an engine/precision/device combination that cannot work, in one line."""
-    if engine.startswith("DeepSpeed") and on_cpu and precision != "no":
-        raise HmamlError(f"train.mixed_precision={precision} under DeepSpeed on CPU is not "
-                         "supported by DeepSpeed (dtype mismatch); use train.mixed_precision=no "
-                         "or plain DDP")
+    if engine.startswith("DeepSpeed") and on_cpu and precision == "fp16":
+        raise HmamlError("train.mixed_precision=fp16 under DeepSpeed on CPU is not supported "
+                         "by DeepSpeed (dtype mismatch); use train.mixed_precision=auto or "
+                         "bf16 (autocast inside the model), or plain DDP")
 
 
 def launch_from_file(path: str | Path) -> Launch:

@@ -22,6 +22,7 @@ from hmaml.errors import HmamlError
 from hmaml.evaluate import EvalResult, evaluate
 from hmaml.files import read_json, write_json_atomic
 from hmaml.methods import Method
+from hmaml.precision import resolve_precision
 from hmaml.train.build import Packs, build_model, episodes_of, open_packs
 from hmaml.train.checkpoint import restore_best
 from hmaml.train.rundir import RunDir
@@ -114,7 +115,8 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
                          "epoch)")
     packs = open_packs(cfg, train=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    method = build_model(cfg, packs)
+    method = build_model(cfg, packs,
+                         resolve_precision(cfg.train.mixed_precision, accelerator.device))
     model = accelerator.prepare(method)
     progress = read_json(rd.progress) or {}
     method.set_epoch(max(int(progress.get("epoch", cfg.train.epochs)) - 1, 0))
