@@ -12,7 +12,7 @@ Sections, in the order they run:
 - ``train_speed``: HyperMAML training tasks/s and peak memory, fp32 and bf16 encoder;
 - ``train_run``: a few epochs of Omniglot -> EMNIST through the real training loop (on the
   device the loop chooses: CUDA when there is one);
-- ``train_speed_compiled``: the training step with the encoder under ``torch.compile``, bf16
+- ``train_speed_compiled``: the training step with the method under ``torch.compile``, bf16
   and fp32, last because it is the slowest to start and the likeliest to fail.
 
 Each section catches its own exception and reports it as a string, so one failure loses nothing
@@ -427,7 +427,7 @@ def section_train_speed(device: torch.device, sizes: Sizes, args: argparse.Names
 
 def section_train_speed_compiled(device: torch.device, sizes: Sizes, args: argparse.Namespace,
                                  out: dict[str, Any]) -> None:
-    out["what"] = f"{speed_header(sizes)}; the encoder compiled as train.compile does"
+    out["what"] = f"{speed_header(sizes)}; the method compiled as train.compile does"
     if not sizes.compile:
         out["skipped"] = "--smoke: compiling takes minutes"
         return

@@ -33,6 +33,7 @@ from hmaml.bench import random_batch
 from hmaml.methods import HyperMAML
 from hmaml.models import build_encoder
 from hmaml.precision import resolve_precision
+from hmaml.train.build import compile_method
 
 Step = Callable[[], None]
 CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ def hypermaml_step(tasks: int, query: int, size: int, dtype: torch.dtype | None,
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3, fused=device.type == "cuda")
     batch = random_batch(tasks, 5, 1, query, device, size=size)
     if compiled:
-        method.encoder.compile()  # as train.compile does
+        compile_method(method, device)  # as train.compile does
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

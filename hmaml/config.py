@@ -89,7 +89,7 @@ class TrainConfig:
     lr_gamma: float = 0.3
     weight_decay: float = 0.0
     mixed_precision: str = "auto"  # the encoder's precision: auto (bf16 where fast), no, bf16, fp16
-    compile: bool = False  # torch.compile the encoder (faster on GPUs; not with method.adapt=all)
+    compile: bool = False  # torch.compile the method (for GPUs; not with method.adapt=all)
     max_grad_norm: float | None = None
     progress: bool = True
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop with an error, or skip the step

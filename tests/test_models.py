@@ -89,15 +89,15 @@ def test_conv4_refuses_too_small_images() -> None:
         build_encoder("conv4", 1, 8)
 
 
-def test_a_compiled_encoder_keeps_its_parameter_names_and_results() -> None:
-    """train.compile compiles the encoder in place: checkpoints and DDP see the same names,
+def test_a_compiled_method_keeps_its_parameter_names_and_results() -> None:
+    """train.compile compiles the method in place: checkpoints and DDP see the same names,
     and logits and gradients match eager mode (fp32, to the rounding of fused kernels)."""
     from tests.method_fixtures import build, random_tasks
 
     batch = random_tasks()
     eager, compiled = build("hypermaml", switch=False), build("hypermaml", switch=False)
     names = list(compiled.state_dict())
-    compiled.encoder.compile()
+    compiled.compile()
     assert list(compiled.state_dict()) == names
     outs = [model(batch) for model in (eager, compiled)]
     grads = [torch.autograd.grad(out.loss, list(model.parameters()))

@@ -191,11 +191,19 @@ def test_evaluate_reproduces_the_test_and_reports_repeats(uninterrupted: Path) -
     assert "mean ± std over 2 repeats of 8 episodes" in proc.stdout
 
 
-def test_bf16_mixed_precision_trains(tiny_pack: Path, tmp_path: Path) -> None:
+def test_a_bf16_encoder_trains_and_its_precision_is_printed_and_tracked(
+        tiny_pack: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     run_dir = tmp_path / "bf16"
+    db = tmp_path / "mlruns.db"
     proc = run(train_command(tiny_pack, run_dir, **{"train.mixed_precision": "bf16",
-                                                    "train.epochs": 1}))
+                                                    "train.epochs": 1, "tracking.enabled": True,
+                                                    "tracking.uri": f"sqlite:///{db}"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "encoder precision bf16 (train.mixed_precision)" in proc.stdout
+    run_id = (run_dir / "mlflow_run_id.txt").read_text().strip()
+    assert MlflowClient(f"sqlite:///{db}").get_run(run_id).data.tags["precision"] == "bf16"
     history = json.loads((run_dir / "history.jsonl").read_text().splitlines()[0])
     assert history["train_loss"] == pytest.approx(history["train_loss"])  # finite, not NaN
     assert 0 < history["train_loss"] < 5 and json.loads(
@@ -258,7 +266,7 @@ def test_evaluation_batches_fit_the_memory_budget_and_do_not_change_results(
     assert eval_tasks_per_batch(cfg, packs, 15) == 3
 
     accelerator = Accelerator(cpu=True)
-    method = build_model(cfg, packs, resolve_precision(cfg.train.mixed_precision, CPU))
+    method = build_model(cfg, packs, resolve_precision(cfg.train.mixed_precision, CPU), CPU)
     method.set_tested()
     results = []
     for tasks in (1, 7):

@@ -53,17 +53,25 @@ def open_packs(cfg: Config, *, train: bool = True) -> Packs:
     return Packs(Path(data.train_pack), eval_pack, train_manifest, eval_manifest)
 
 
-def build_model(cfg: Config, packs: Packs, precision: Precision) -> Method:
+def build_model(cfg: Config, packs: Packs, precision: Precision,
+                device: torch.device) -> Method:
     """The config's method and encoder, initialised from ``cfg.seed``, its encoder running in
-    ``precision``."""
+    ``precision``, compiled for ``device`` with ``train.compile``."""
     torch.manual_seed(cfg.seed)
     image = packs.image
     encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"])
     method = build_method(cfg.method, encoder, cfg.data.n_way)
     method.encoder_dtype = precision.dtype
     if cfg.train.compile:
-        encoder.compile()  # in place: parameter names, checkpoints and DDP stay as they are
+        compile_method(method, device)
     return method
+
+
+def compile_method(method: Method, device: torch.device) -> None:
+    """``torch.compile`` in place (parameter names, checkpoints and DDP stay as they are); on
+    CUDA with CUDA graphs: a training step of small tasks is bound by kernel launches there
+    (H100, HyperMAML, 32 tasks, bf16: 4,903 tasks/s against 1,984 compiled without graphs)."""
+    method.compile(mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 #: Live activations of the widest size during an evaluation forward (a layer's input, its
@@ -94,4 +102,5 @@ def episodes_of(cfg: Config, packs: Packs, split: str, episodes: int, n_query: i
                        image_size=packs.image["size"], repeat=repeat)
 
 
-__all__ = ["Packs", "build_model", "episodes_of", "eval_tasks_per_batch", "open_packs"]
+__all__ = ["Packs", "build_model", "compile_method", "episodes_of", "eval_tasks_per_batch",
+           "open_packs"]

@@ -224,7 +224,7 @@ class Trainer:
         self.steps = self.plan.rank_steps(accelerator.process_index)
         self.packs = open_packs(cfg)
         self.precision = resolve_precision(train.mixed_precision, accelerator.device)
-        self.method: Method = build_model(cfg, self.packs, self.precision)
+        self.method: Method = build_model(cfg, self.packs, self.precision, accelerator.device)
         if self.deepspeed:  # DeepSpeed flattens parameters through views of contiguous memory
             for param in self.method.parameters():
                 param.data = param.data.contiguous()

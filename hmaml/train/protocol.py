@@ -116,7 +116,8 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
     packs = open_packs(cfg, train=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     method = build_model(cfg, packs,
-                         resolve_precision(cfg.train.mixed_precision, accelerator.device))
+                         resolve_precision(cfg.train.mixed_precision, accelerator.device),
+                         accelerator.device)
     model = accelerator.prepare(method)
     progress = read_json(rd.progress) or {}
     method.set_epoch(max(int(progress.get("epoch", cfg.train.epochs)) - 1, 0))
