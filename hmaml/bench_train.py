@@ -148,7 +148,6 @@ def evaluate_process(run: Path, episodes: int) -> dict[str, float | str]:
 #: The speed issue's targets on a 2-core CPU (2 threads): training at least twice the authors'
 #: code (6.6 tasks/s there), a 600-task evaluation process within 20 s and 1 GB.
 TARGETS = {"train_tasks_per_s": 13.0, "evaluate_s": 20.0, "evaluate_peak_mb": 1024.0}
-PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 def targets(result: dict[str, object], train_key: str) -> dict[str, object]:
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "setting": f"{args.tasks} tasks of 5-way 1-shot {args.query} queries, Conv4 "
                    f"{args.size} px, tasks/s (median of {args.steps})",
         "threads": torch.get_num_threads(), "auto_precision": str(fast)}
-    compiled = f"hypermaml_compiled_{PRECISION_NAMES[fast.name]}"
+    compiled = f"hypermaml_compiled_{fast.label}"
     if not args.no_compile:
         try:
             variants[compiled] = hypermaml_step(*shape, dtype=fast.dtype, compiled=True)
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         result["encoder_plain_bf16_channels_last"] / result["encoder_hmaml_bf16"], 2)
     if args.run is not None:
         result.update(evaluate_process(args.run, args.eval_episodes))
-    result["targets"] = targets(result, f"hypermaml_{PRECISION_NAMES[fast.name]}")
+    result["targets"] = targets(result, f"hypermaml_{fast.label}")
     for key, value in result.items():
         log(f"  {key}: {value}")
     print(json.dumps(result))

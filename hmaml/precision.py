@@ -31,6 +31,11 @@ class Precision:
         """The autocast dtype of the encoder; None for fp32."""
         return _DTYPES[self.name]
 
+    @property
+    def label(self) -> str:
+        """The name benchmarks print: fp32, bf16 or fp16."""
+        return "fp32" if self.name == "no" else self.name
+
     def __str__(self) -> str:
         return f"{self.name} ({self.reason})"
 

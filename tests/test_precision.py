@@ -56,6 +56,7 @@ def test_auto_on_cuda_follows_the_compute_capability(monkeypatch: pytest.MonkeyP
 def test_an_explicit_precision_is_kept(tmp_path: Path) -> None:
     amx = cpuinfo(tmp_path, "amx_bf16")
     assert resolve_precision("no", CPU, amx).dtype is None
+    assert resolve_precision("no", CPU, amx).label == "fp32"
     assert resolve_precision("bf16", CPU, cpuinfo(tmp_path, "")).dtype is torch.bfloat16
     assert resolve_precision("fp16", CPU, amx).dtype is torch.float16
 

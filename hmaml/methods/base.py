@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from hmaml.errors import HmamlError
 from hmaml.methods.functional import at_least_fp32, task_accuracy
@@ -86,11 +87,17 @@ class Method(nn.Module):
         return torch.autocast(device_type, dtype=self.encoder_dtype,
                               enabled=self.encoder_dtype is not None)
 
+    def encode(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
+        """fp32 embeddings of images ``[T, B, ...]``: the encoder runs in ``encoder_dtype``,
+        with its own parameters or ``params`` (per-task ``[T, ...]``, by ``functional_call``)."""
+        with self.encoder_precision(x.device.type):
+            emb = self.encoder(x) if params is None else functional_call(self.encoder, params,
+                                                                          (x,))
+        return at_least_fp32(emb)
+
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """fp32 support and query embeddings; each set of each task has its own statistics."""
-        with self.encoder_precision(batch.support_x.device.type):
-            support, query = self.encoder(batch.support_x), self.encoder(batch.query_x)
-        return at_least_fp32(support), at_least_fp32(query)
+        """Support and query embeddings; each set of each task has its own statistics."""
+        return self.encode(batch.support_x), self.encode(batch.query_x)
 
     def check(self, batch: TaskBatch) -> None:
         """Cheap shape checks (no device sync) that name what is wrong."""

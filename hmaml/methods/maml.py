@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from hmaml.errors import HmamlError
 from hmaml.methods.base import LinearHead, Method, MethodOutput
 from hmaml.methods.functional import (
-    at_least_fp32,
     linear_logits,
     one_hot,
     sgd_head_steps,
@@ -86,6 +84,4 @@ class MAML(Method):
         """Logits of images ``x [T, B, ...]`` under per-task parameters ``[T, ...]``."""
         encoder = {name.removeprefix("encoder."): value for name, value in params.items()
                    if name.startswith("encoder.")}
-        with self.encoder_precision(x.device.type):
-            emb = functional_call(self.encoder, encoder, (x,))
-        return linear_logits(at_least_fp32(emb), params["head.weight"], params["head.bias"])
+        return linear_logits(self.encode(x, encoder), params["head.weight"], params["head.bias"])
