@@ -59,6 +59,18 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder: str = "conv4"
+    init: str = "authors"  # encoder weights: "authors" (their code's He fan-out normal) or "torch"
+    init_from: str | None = None  # an encoder.pt of launch/pretrain.py: start from its weights
+
+
+@dataclass
+class PretrainConfig:
+    """Supervised pre-training of the encoder (launch/pretrain.py): SGD with Nesterov momentum on
+    mini-batches of images of all the training classes; lr, epochs, milestones, gamma and weight
+    decay are the ``train`` section's."""
+
+    batch_size: int = 128
+    momentum: float = 0.9
 
 
 @dataclass
@@ -126,6 +138,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -361,7 +374,7 @@ def _check(cfg: Config, source_of: Any) -> None:
     # The valid names are those of the code that builds them (imported here: it needs torch).
     from hmaml.data.transforms import PRESETS as AUGMENTS
     from hmaml.methods import METHODS
-    from hmaml.models import ENCODERS
+    from hmaml.models import ENCODERS, INITS
 
     def fail(key: str, why: str) -> None:
         section, _, name = key.partition(".")
@@ -396,6 +409,10 @@ def _check(cfg: Config, source_of: Any) -> None:
     at_least("data.workers", d.workers, 0)
     at_least("data.buffer_mb", d.buffer_mb, 1)
     one_of("model.encoder", cfg.model.encoder, tuple(ENCODERS))
+    one_of("model.init", cfg.model.init, INITS)
+    at_least("pretrain.batch_size", cfg.pretrain.batch_size, 2)
+    if not 0 <= cfg.pretrain.momentum < 1:
+        fail("pretrain.momentum", "must be in [0, 1)")
     one_of("method.name", m.name, METHODS)
     at_least("method.inner_steps", m.inner_steps, 0)
     at_least("method.inner_lr", m.inner_lr, 0)

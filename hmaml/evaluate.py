@@ -8,6 +8,7 @@ in global episode order, so the figures do not depend on the number of processes
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,12 +28,13 @@ class EvalResult:
     ci95: float
     weight_update_norm: float | None = None
     bias_update_norm: float | None = None
+    seconds: float = math.nan  # wall time of adapting and classifying (Tables 4 and 8)
 
     @staticmethod
     def of(accuracies: np.ndarray, weight_norm: float | None = None,
-           bias_norm: float | None = None) -> EvalResult:
+           bias_norm: float | None = None, seconds: float = math.nan) -> EvalResult:
         mean, ci = mean_ci95(accuracies)
-        return EvalResult(accuracies, mean, ci, weight_norm, bias_norm)
+        return EvalResult(accuracies, mean, ci, weight_norm, bias_norm, seconds)
 
 
 def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
@@ -47,8 +49,10 @@ def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator) -> EvalR
     ``method`` may be wrapped (DDP). Adaptation builds no autograd graph: it runs under
     ``torch.inference_mode`` where it takes no gradient, else under ``no_grad`` (whole-network
     MAML switches gradients back on for its inner steps only). The encoder runs in the
-    method's precision, as in training.
+    method's precision, as in training. ``seconds`` is the wall time from the first batch to
+    the gathered accuracies on the host (so a GPU's queued work is included).
     """
+    start = time.perf_counter()
     device = accelerator.device
     rows = [torch.empty(0, 4, dtype=torch.float64, device=device)]  # a rank may have none
     # DDP and DeepSpeed keep the method as .module (Accelerate's unwrap_model would import
@@ -68,11 +72,12 @@ def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator) -> EvalR
     method.train()
     gathered = _gather_rows(torch.cat(rows), accelerator)  # one collective on every rank
     gathered = gathered[torch.argsort(gathered[:, 0])]
-    accuracies = gathered[:, 1].cpu().numpy()
+    gathered = gathered.cpu()
+    seconds = time.perf_counter() - start
     norms: list[float | None] = [None, None]
     if not torch.isnan(gathered[:, 2]).any():
         norms = [float(gathered[:, 2].mean()), float(gathered[:, 3].mean())]
-    return EvalResult.of(accuracies, *norms)
+    return EvalResult.of(gathered[:, 1].numpy(), *norms, seconds=seconds)
 
 
 def _gather_rows(rows: torch.Tensor, accelerator) -> torch.Tensor:

@@ -53,7 +53,13 @@ def _add_dataset_options(parser: argparse.ArgumentParser, dataset: str) -> None:
         parser.add_argument("--split-rule", help="e.g. ratio:0.6,0.2,0.2 over sorted classes")
         parser.add_argument("--seed", type=int, help="shuffle seed of --split-rule (default 0)")
         parser.add_argument("--size", type=int, help="image side in pixels (default 84)")
-        parser.add_argument("--channels", type=int, choices=(1, 3), help="1 grey or 3 RGB")
+        parser.add_argument("--channels", type=int, choices=(1, 3),
+                            help="1 grey (characters pipeline) or 3 RGB (natural pipeline)")
+    if dataset in ("folder", "cub", "mini-imagenet"):
+        parser.add_argument("--store-size", type=int,
+                            help="side the RGB images are stored at, >= the input size (default "
+                                 "1.5 x the input size: 126 px for 84), so training crops come "
+                                 "from real pixels")
     elif dataset == "omniglot":
         parser.add_argument("--split", choices=("background", "vinyals"),
                             help="background: train=background set, test=evaluation set "

@@ -60,7 +60,8 @@ def write_pack(root: Path, counts: dict[str, list[int]], *, size: int = 8, chann
                            "bytes": path.stat().st_size})
         splits[split] = {"classes": classes, "shards": shards}
     manifest = {"pack_version": PACK_VERSION, "dataset": "coded",
-                "image": {"size": size, "channels": channels}, "splits": splits,
+                "image": {"size": size, "channels": channels, "stored_size": size,
+                          "pipeline": "characters"}, "splits": splits,
                 "sources": [], "options": {}, "fingerprint": "0" * 64}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return root

@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
     (["sweep.py", "--status", "/nonexistent/sweep"], "/nonexistent/sweep"),
     (["train.py", "--config", "no_such_config"], "no_such_config"),
     (["pack.py", "verify", "/nonexistent/pack"], "/nonexistent/pack"),
+    (["pretrain.py", "--config", "mini_pretrain", "pretrain.batch_size=0"],
+     "pretrain.batch_size=0"),
+    (["tables.py", "norms", "--maml", "/nonexistent/m", "--hypermaml", "/nonexistent/h"],
+     "/nonexistent/m"),
+    (["evaluate.py", "--run", "/nonexistent/run", "--override", "method.hn_width=8"],
+     "method.hn_width"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(argv: list[str], culprit: str) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / argv[0]), *argv[1:]],

@@ -60,7 +60,7 @@ def test_paper_hyperparameters(name: str, expected: tuple) -> None:
     assert (t.episodes_per_epoch, t.lr_gamma, cfg.eval.val_episodes, cfg.eval.test_episodes) == (
         100, 0.3, 100, 600)
     omni = name.startswith("omni")
-    assert cfg.model.encoder == ("conv4" if omni else "conv4pool")
+    assert (cfg.model.encoder, cfg.model.init) == ("conv4" if omni else "conv4pool", "authors")
     assert (m.inner_steps, m.inner_lr, t.meta_batch) == ((1, 0.1, 32) if omni else (5, 0.01, 4))
     assert d.augment == (None if omni else "natural")
     packs = {"omni": ("shards/omniglot_nolatin", "shards/emnist"), "cub": ("shards/cub", None),
@@ -68,6 +68,8 @@ def test_paper_hyperparameters(name: str, expected: tuple) -> None:
              "mini": ("shards/mini_imagenet", None)}
     family = next(k for k in packs if name.startswith(k))
     assert (d.train_pack, d.eval_pack) == packs[family]
+    # mini-ImageNet -> CUB trains on all 100 mini-ImageNet classes, as the authors' file lists
+    assert d.train_split == ("train+val+test" if family == "mini_cub" else "train")
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -77,11 +79,34 @@ def test_baselines_share_the_data_and_differ_only_in_method(name: str) -> None:
     assert (maml.method.name, maml.method.adapt, maml.method.first_order) == ("maml", "all", False)
     assert (maml.method.inner_steps, maml.method.inner_lr) == (
         hyper.method.inner_steps, hyper.method.inner_lr)
+    assert (maml.train.lr, maml.train.lr_milestones) == (1e-3, [])
+    assert (maml.train.epochs, maml.train.meta_batch) == (hyper.train.epochs,
+                                                          hyper.train.meta_batch)
+    # ProtoNet: the standard protocol (CloserLook's train.py), one task per step
     assert proto.method.name == "protonet"
-    for cfg in (maml, proto):
-        assert (cfg.train.lr, cfg.train.lr_milestones) == (1e-3, [])
-        assert (cfg.train.epochs, cfg.train.meta_batch) == (hyper.train.epochs,
-                                                            hyper.train.meta_batch)
+    assert (proto.train.lr, proto.train.lr_milestones, proto.train.meta_batch,
+            proto.train.epochs) == (1e-3, [], 1, 600 if hyper.data.n_shot == 1 else 400)
+
+
+def test_mini_imagenet_starts_from_the_pretrained_encoder_of_its_own_architecture() -> None:
+    """Paper 4.1 / E.2: mini-ImageNet models start from a backbone pre-trained on the 64
+    training classes; each meta-training config loads the encoder its pretrain config writes."""
+    pairs = [("mini1", "mini_pretrain"), ("mini5", "mini_pretrain"),
+             ("mini_cub1", "mini_pretrain"), ("maml_mini1", "mini_pretrain"),
+             ("protonet_mini5", "mini_pretrain"), ("mini1_resnet12", "mini_pretrain_resnet12"),
+             ("mini5_resnet12", "mini_pretrain_resnet12")]
+    for meta, pre in pairs:
+        cfg, pretrain = load_config(meta), load_config(pre)
+        assert cfg.model.init_from == f"{pretrain.run_dir}/encoder.pt"
+        assert cfg.model.encoder == pretrain.model.encoder
+        assert (pretrain.data.train_pack, pretrain.data.train_split) == (
+            "shards/mini_imagenet", "train")
+        assert pretrain.model.init_from is None and pretrain.data.augment == "natural"
+    for scratch in ("cub1", "omni_emnist1", "quickstart"):
+        assert load_config(scratch).model.init_from is None
+    resnet = load_config("mini1_resnet12")
+    assert (resnet.model.encoder, resnet.train.lr, resnet.method.hn_width) == (
+        "resnet12", 1e-3, 256)
 
 
 def test_cpu_budget_config_scales_the_schedule() -> None:

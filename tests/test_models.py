@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from hmaml.errors import HmamlError
 from hmaml.models import ENCODERS, build_encoder
+from hmaml.models.norm import TaskBatchNorm2d, TaskConv2d
 
 
 @pytest.mark.parametrize(("name", "channels", "size", "dim"), [
@@ -105,3 +108,51 @@ def test_a_compiled_method_keeps_its_parameter_names_and_results() -> None:
     torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet10", "resnet12"])
+def test_authors_init_draws_he_fan_out_normal_weights(name: str) -> None:
+    """model.init=authors: every convolution ~ normal(0, sqrt(2 / (k*k*C_out))) (the authors'
+    std 0.059 for 64 -> 64 3x3, against torch's default 0.024), BatchNorm weight 1, bias 0."""
+    torch.manual_seed(0)
+    authors = build_encoder(name, 3, 32, "authors")
+    torch.manual_seed(0)
+    default = build_encoder(name, 3, 32, "torch")
+    convs = [m for m in authors.modules() if isinstance(m, TaskConv2d)]
+    assert convs
+    for conv in convs:
+        kh, kw = conv.kernel_size
+        expected = math.sqrt(2 / (kh * kw * conv.out_channels))
+        w = conv.weight.detach()
+        assert abs(w.mean().item()) < 4 * expected / math.sqrt(w.numel())
+        assert w.std().item() == pytest.approx(expected, rel=0.1 if w.numel() > 1000 else 0.3)
+    wide = next(m for m in convs if m.in_channels == 64 and m.out_channels == 64
+                and m.kernel_size == (3, 3))
+    assert wide.weight.std().item() == pytest.approx(0.059, abs=0.002)
+    torch_wide = dict(default.named_modules())[next(
+        n for n, m in authors.named_modules() if m is wide)]
+    assert torch_wide.weight.std().item() == pytest.approx(0.024, abs=0.002)
+    for bn in (m for m in authors.modules() if isinstance(m, TaskBatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+
+
+def test_unknown_init_is_refused_by_the_config() -> None:
+    from hmaml.config import load_config
+
+    with pytest.raises(HmamlError, match=r"model\.init='xavier' is not one of authors, torch"):
+        load_config("quickstart", ["model.init=xavier"])
+
+
+def test_resnet12_is_the_usual_few_shot_resnet12() -> None:
+    """64-160-320-640, three 3x3 convs and a 1x1 shortcut per block, leaky ReLU 0.1, max-pool per
+    block: the 12,424,320 parameters of MetaOptNet's / FEAT's ResNet-12 without DropBlock."""
+    encoder = build_encoder("resnet12", 3, 84)
+    assert sum(p.numel() for p in encoder.parameters()) == 12_424_320
+    assert [b.convs[0].out_channels for b in encoder.blocks] == [64, 160, 320, 640]
+    assert encoder.feat_dim == 640
+    sides = []
+    handle = encoder.blocks[-1].register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+    encoder(torch.rand(1, 2, 3, 84, 84))
+    handle.remove()
+    assert sides == [5]  # 84 -> 42 -> 21 -> 10 -> 5 before the average pool

@@ -13,6 +13,7 @@ import pytest
 import webdataset as wds
 
 from hmaml.data.download import safe_extract
+from hmaml.data.episodes import EpisodeStream, load_split
 from hmaml.data.format import MANIFEST_NAME, decode_class_record, read_manifest, sha256_file
 from hmaml.data.pack import pack_dataset, verify_pack
 from hmaml.errors import HmamlError
@@ -46,7 +47,8 @@ def test_real_omniglot_pack_end_to_end(tmp_path, omniglot_small):
     out = tmp_path / "shards" / "omni"
     manifest = pack_dataset("omniglot", omniglot_small, out, progress=False, workers=2)
     assert manifest == read_manifest(out)
-    assert manifest["image"] == {"size": 28, "channels": 1}
+    assert manifest["image"] == {"size": 28, "channels": 1, "stored_size": 28,
+                                 "pipeline": "characters"}
     assert {s: len(v["classes"]) for s, v in manifest["splits"].items()} == {
         "train": 136, "test": 156}
     assert [s["path"] for s in manifest["sources"]] == ["images_background.zip",
@@ -224,7 +226,8 @@ def test_command_line_pack_verify_and_errors(tmp_path, capsys):
             "--size", "8", "--channels", "1", "--quiet", "--workers", "1"]
     assert main(args) == 0
     assert "train: 1 classes, 2 images" in capsys.readouterr().out
-    assert read_manifest(out)["image"] == {"size": 8, "channels": 1}
+    assert read_manifest(out)["image"] == {"size": 8, "channels": 1, "stored_size": 8,
+                                           "pipeline": "characters"}
     assert main(["verify", str(out), "--full"]) == 0
     assert main(["folder", "--src", str(tmp_path / "none"), "--out", str(out),
                  "--split-rule", "ratio:1,0,0", "--quiet"]) == 2
@@ -253,3 +256,32 @@ def test_full_real_omniglot_without_latin_pack_time(tmp_path):
     train = manifest["splits"]["train"]
     assert len(train["classes"]) == 1597 and sum(s["images"] for s in train["shards"]) == 31940
     assert seconds < 60, f"packing took {seconds:.1f} s"
+
+
+def test_natural_packs_store_images_above_the_input_size(tmp_path):
+    """CUB is stored at 126 px for an 84 px input by default (--store-size to change), so the
+    natural pipeline crops real pixels; a store size below the input size is refused."""
+    tree = make_cub_tree(tmp_path / "raw", n_classes=4, per_class=2)
+    manifest = pack_dataset("cub", tree, tmp_path / "a", progress=False, workers=1)
+    assert manifest["image"] == {"size": 84, "channels": 3, "stored_size": 126,
+                                 "pipeline": "natural"}
+    _, classes = load_split(tmp_path / "a", "train")
+    assert classes[0].shape == (2, 126, 126, 3)
+    assert main(["cub", "--src", str(tree), "--out", str(tmp_path / "b"), "--store-size", "100",
+                 "--quiet", "--workers", "1"]) == 0
+    assert read_manifest(tmp_path / "b")["image"]["stored_size"] == 100
+    with pytest.raises(HmamlError, match="store_size=64 is below the input size 84"):
+        pack_dataset("cub", tree, tmp_path / "c", progress=False, store_size=64)
+
+
+def test_a_pack_of_an_older_format_asks_for_a_re_pack(tmp_path):
+    out = pack_dataset("glyphs", None, tmp_path / "g", classes=(6, 3, 3), per_class=4,
+                       progress=False, workers=1)
+    path = tmp_path / "g" / "manifest.json"
+    path.write_text(json.dumps({**out, "pack_version": 1}))
+    with pytest.raises(HmamlError, match=r"manifest\.json: pack_version 1 is not the supported 2;"
+                                         r" re-pack the dataset .*--force"):
+        read_manifest(tmp_path / "g")
+    with pytest.raises(HmamlError, match="re-pack"):
+        EpisodeStream(tmp_path / "g", "train", n_way=2, n_shot=1, n_query=1, tasks_per_batch=1,
+                      episodes=1, seed=0)

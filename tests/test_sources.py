@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hmaml.data.format import ImageSpec
 from hmaml.data.sources import (
     ImageLoader,
     ImageRef,
@@ -39,7 +40,7 @@ def test_omniglot_background_evaluation_counts():
     assert _counts(source) == {"train": 964, "test": 659}
     assert all(len(c.refs) == 20 for cl in source.splits.values() for c in cl)
     assert source.splits["train"][0].name == "Alphabet_of_the_Magi/character01"
-    assert (source.size, source.channels) == (28, 1)
+    assert source.image == ImageSpec(28, 1, 28, "characters")
 
 
 def test_omniglot_rotations_make_four_classes_per_character():
@@ -138,7 +139,7 @@ def test_mini_imagenet_flat_or_images_subfolder(tmp_path, images_sub):
     assert _counts(source) == {"train": 2, "val": 2, "test": 2}
     assert source.splits["train"][0].name == "n01532829"
     images = source.loader(source.splits["val"][1].refs)
-    assert images.shape == (3, 84, 84, 3)
+    assert images.shape == (3, 126, 126, 3)  # stored at 1.5 x the 84 px input
 
 
 def test_mini_imagenet_missing_image_is_named(tmp_path):
@@ -156,7 +157,7 @@ def test_cub_split_rule_on_sorted_folders(tmp_path):
     assert {s: [c.name[:3] for c in cl] for s, cl in source.splits.items()} == {
         "train": ["001", "003", "005", "007"], "val": ["002", "006"], "test": ["004", "008"]}
     images = source.loader(source.splits["test"][0].refs)
-    assert images.shape == (3, 84, 84, 3) and images.dtype == np.uint8
+    assert images.shape == (3, 126, 126, 3) and images.dtype == np.uint8
 
 
 # ----------------------------------------------------------------------------- folder of classes

@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from hmaml.config import flatten, load_config
+from hmaml.plots import lr_drops, phase_spans, plot_learning_curve
 from hmaml.train.rundir import RunDir
-from hmaml.train.tracking import (
-    NullTracker,
-    Tracker,
-    lr_drops,
-    make_tracker,
-    phase_spans,
-    plot_learning_curve,
-)
+from hmaml.train.tracking import NullTracker, Tracker, make_tracker
 
 
 @contextmanager

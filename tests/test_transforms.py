@@ -9,15 +9,19 @@ import pytest
 import torch
 
 from hmaml.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
     build_transform,
+    center_crop,
     color_jitter,
     crop_boxes,
     crop_resize,
     grayscale,
     hflip,
+    normalize,
     random_resized_crop,
     resize,
 )
@@ -146,3 +150,43 @@ def test_resize_bounds() -> None:
     up = resize(x, 30)
     assert up.shape == (2, 3, 30, 30) and float(up.min()) >= 0 and float(up.max()) <= 1
     assert math.isclose(float(up.mean()), float(x.mean()), abs_tol=0.02)
+
+
+def test_natural_pipeline_train_and_eval() -> None:
+    """Natural packs: training crops from the stored image (126 px) to 84 px with augmentation,
+    evaluation resizes to int(84 x 1.15) = 96 and centre-crops 84, without randomness; both
+    are ImageNet-normalised, so a constant image of the channel means maps to zero."""
+    x = images(8, size=126)
+    train = build_transform("natural", 84, "natural")
+    test = build_transform(None, 84, "natural")
+    a, b = train(x, gen(1)), train(x, gen(2))
+    assert a.shape == b.shape == (8, 3, 84, 84) and not torch.equal(a, b)
+    e1, e2 = test(x, gen(1)), test(x.clone(), gen(2))
+    assert e1.shape == (8, 3, 84, 84) and torch.equal(e1, e2)
+    torch.testing.assert_close(e1, normalize(center_crop(resize(x, 96), 84).clone()))
+    means = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).expand(2, 3, 126, 126)
+    torch.testing.assert_close(test(means.clone(), gen()), torch.zeros(2, 3, 84, 84))
+    lowest = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    highest = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    for out in (a, e1):
+        assert lowest - 1e-5 <= float(out.min()) and float(out.max()) <= highest + 1e-5
+        assert float(out.min()) < -1 and float(out.max()) > 1  # not 0..1 any more
+    white = test(torch.ones(1, 3, 126, 126), gen())
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(white[0, :, 0, 0], expected)
+
+
+def test_center_crop_known_answer() -> None:
+    x = torch.arange(36.0).view(1, 1, 6, 6)
+    assert torch.equal(center_crop(x, 2), x[..., 2:4, 2:4])
+    assert torch.equal(center_crop(torch.arange(25.0).view(1, 1, 5, 5), 2),
+                       torch.arange(25.0).view(1, 1, 5, 5)[..., 2:4, 2:4])  # round(1.5) = 2
+    with pytest.raises(ValueError, match="7 px from 6 x 6"):
+        center_crop(x, 7)
+
+
+def test_character_pipeline_is_not_normalised() -> None:
+    x = images(3, c=1, size=28)
+    assert torch.equal(build_transform(None, 28, "characters")(x, gen()), x)
+    with pytest.raises(HmamlError, match=r"pipeline 'video' is unknown.*re-pack"):
+        build_transform(None, 28, "video")

@@ -24,6 +24,7 @@ class partitioning avoided here) and fail when workers outnumber shards.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections import OrderedDict, deque
@@ -38,7 +39,13 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from hmaml.data.format import decode_class_record, read_manifest
+from hmaml.data.format import (
+    ImageSpec,
+    decode_class_record,
+    read_manifest,
+    split_classes,
+    split_parts,
+)
 from hmaml.data.transforms import Transform, build_transform
 from hmaml.errors import HmamlError
 from hmaml.tasks import TaskBatch
@@ -63,11 +70,15 @@ def _generator(*keys: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of a split: its path and the labels ``first .. first + classes - 1`` it holds."""
+    """One shard: its path, the labels ``first .. first + classes - 1`` it holds, its size in
+    bytes per the manifest, and ``base``: what its split's labels are offset by in a split union
+    (label ``l`` of the shard's own split is label ``base + l`` of the union)."""
 
     path: Path
     first: int
     classes: int
+    bytes: int = -1
+    base: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,8 +88,13 @@ class SplitInfo:
     split: str
     names: list[str]
     counts: np.ndarray  # int64 [classes]
-    image_shape: tuple[int, int, int]  # (H, W, C)
+    image: ImageSpec
     shards: list[ShardInfo]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the stored images."""
+        return (self.image.stored_size, self.image.stored_size, self.image.channels)
 
     @property
     def class_bytes(self) -> np.ndarray:
@@ -87,23 +103,24 @@ class SplitInfo:
 
 
 def split_info(manifest: dict[str, Any], split: str) -> SplitInfo:
-    """The classes and shards of ``split`` from a manifest; refuse a split it lacks."""
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise HmamlError(f"split {split!r} is not in the pack (it has: "
-                         f"{', '.join(sorted(splits)) or 'none'})")
-    classes, shards = splits[split]["classes"], splits[split]["shards"]
-    image = manifest["image"]
-    infos, first = [], 0
-    for shard in shards:
-        infos.append(ShardInfo(Path(shard["file"]), first, int(shard["classes"])))
-        first += int(shard["classes"])
-    if first != len(classes):
-        raise HmamlError(f"manifest split {split!r}: shards hold {first} classes but the class "
-                         f"list has {len(classes)}")
-    return SplitInfo(split, [c["name"] for c in classes],
-                     np.array([int(c["count"]) for c in classes], dtype=np.int64),
-                     (int(image["size"]), int(image["size"]), int(image["channels"])), infos)
+    """The classes and shards of ``split`` (or of a union ``a+b``, labels numbered part after
+    part) from a manifest; refuse a split it lacks."""
+    split_classes(manifest, split)  # every part exists
+    names, counts, infos = [], [], []
+    for part in split_parts(split):
+        classes, shards = manifest["splits"][part]["classes"], manifest["splits"][part]["shards"]
+        base = first = len(names)
+        for shard in shards:
+            infos.append(ShardInfo(Path(shard["file"]), first, int(shard["classes"]),
+                                   int(shard["bytes"]), base))
+            first += int(shard["classes"])
+        if first - base != len(classes):
+            raise HmamlError(f"manifest split {part!r}: shards hold {first - base} classes but "
+                             f"the class list has {len(classes)}")
+        names += [c["name"] for c in classes]
+        counts += [int(c["count"]) for c in classes]
+    return SplitInfo(split, names, np.array(counts, dtype=np.int64), ImageSpec.of(manifest),
+                     infos)
 
 
 def check_episode_shape(info: SplitInfo, n_way: int, n_shot: int, n_query: int) -> None:
@@ -122,21 +139,20 @@ def check_episode_shape(info: SplitInfo, n_way: int, n_shot: int, n_query: int) 
                          + (f" ({short.size} such classes)" if short.size > 1 else ""))
 
 
-def check_shard_files(pack_dir: Path, manifest: dict[str, Any], info: SplitInfo) -> list[ShardInfo]:
+def check_shard_files(pack_dir: Path, info: SplitInfo) -> list[ShardInfo]:
     """Every shard of the split exists with the manifest's byte size (a cheap truncation check;
     the pack's sha256 verification is the thorough one). Returns the shards with full paths."""
-    entries = manifest["splits"][info.split]["shards"]
     shards = []
-    for shard, entry in zip(info.shards, entries, strict=True):
+    for shard in info.shards:
         path = pack_dir / shard.path
         if not path.is_file():
             raise HmamlError(f"{path}: shard listed in the manifest is missing; "
                              "re-pack the dataset")
         size = path.stat().st_size
-        if size != int(entry["bytes"]):
-            raise HmamlError(f"{path}: {size} bytes but the manifest says {entry['bytes']} "
+        if size != shard.bytes:
+            raise HmamlError(f"{path}: {size} bytes but the manifest says {shard.bytes} "
                              "(truncated or replaced shard); re-pack the dataset")
-        shards.append(ShardInfo(path, shard.first, shard.classes))
+        shards.append(dataclasses.replace(shard, path=path))
     return shards
 
 
@@ -146,6 +162,7 @@ def check_shard_files(pack_dir: Path, manifest: dict[str, Any], info: SplitInfo)
 def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(label, images [n, H, W, C] uint8)`` of each class record in a shard, in order,
     checking each against the manifest; any read or decode error is an HmamlError naming the shard.
+    Labels are those of ``info`` (a union's, for a shard of one of its parts).
     """
     expected = shard.first
     end = shard.first + shard.classes
@@ -153,11 +170,12 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
         with open(shard.path, "rb") as handle:
             for sample in group_by_keys(tar_file_expander([{"url": str(shard.path),
                                                                "stream": handle}])):
-                label, name, images = decode_class_record(sample)
+                own, name, images = decode_class_record(sample)
+                label = shard.base + own
                 if label != expected or expected >= end:
+                    want = expected - shard.base if expected < end else "none"
                     raise HmamlError(f"{shard.path}: record {sample['__key__']!r} has label "
-                                     f"{label}, expected {expected if expected < end else 'none'} "
-                                     "per the manifest")
+                                     f"{own}, expected {want} per the manifest")
                 want = (int(info.counts[label]), *info.image_shape)
                 if images.dtype != np.uint8 or images.shape != want or name != info.names[label]:
                     raise HmamlError(f"{shard.path}: class {name!r} holds {images.dtype} "
@@ -182,7 +200,7 @@ def load_split(pack_dir: str | Path, split: str) -> tuple[SplitInfo, list[np.nda
     pack_dir = Path(pack_dir)
     manifest = read_manifest(pack_dir)
     info = split_info(manifest, split)
-    shards = check_shard_files(pack_dir, manifest, info)
+    shards = check_shard_files(pack_dir, info)
     return info, [images for shard in shards for _, images in read_shard(shard, info)]
 
 
@@ -358,7 +376,7 @@ class EpisodeStream(IterableDataset):
         manifest = read_manifest(self.pack_dir)
         self.info = split_info(manifest, split)
         check_episode_shape(self.info, n_way, n_shot, n_query)
-        self.shards = check_shard_files(self.pack_dir, manifest, self.info)
+        self.shards = check_shard_files(self.pack_dir, self.info)
         self.budget = int(buffer_mb * MB)
         sizes = self.info.class_bytes
         self.fits = int(sizes.sum()) <= self.budget
@@ -376,9 +394,9 @@ class EpisodeStream(IterableDataset):
         self.task_batches = batches
         self.seed, self.rank = seed, rank
         self._epoch = torch.tensor([epoch], dtype=torch.int64).share_memory_()
-        self.image_size = image_size or self.info.image_shape[0]
+        self.image_size = image_size or self.info.image.size
         self.augment = augment
-        self.transform = build_transform(augment, self.image_size)
+        self.transform = build_transform(augment, self.image_size, self.info.image.pipeline)
         self._resident: list[np.ndarray] | None = None
 
     @property
@@ -422,7 +440,7 @@ class EpisodeStream(IterableDataset):
                 counts = np.array([len(c) for c in classes])
                 images.put(task, classes, sample_images(counts, per_class, generator))
                 source.advance()  # after the copy: an evicted class is never held past its turn
-            augment = None if self.augment is None else [
+            augment = None if self.augment in (None, "none") else [
                 _generator(_AUGMENT, self.seed, epoch, index) for index in indices]
             yield images.to_batch(self.transform, augment)
 
@@ -514,7 +532,8 @@ class EvalLoader:
         self.info, self.classes = load_split(pack_dir, split)
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.tasks_per_batch = tasks_per_batch
-        self.transform = build_transform(None, image_size or self.info.image_shape[0])
+        self.transform = build_transform(None, image_size or self.info.image.size,
+                                         self.info.image.pipeline)
 
     def __len__(self) -> int:
         return math.ceil(len(self.specs) / self.tasks_per_batch)

@@ -2,10 +2,11 @@
 
 A pack is a folder holding ``manifest.json`` and ``{split}-{i:06d}.tar`` shards. Each sample in a
 shard is one class: ``cls.json`` (split-local label, class name, image count) and ``images.npy``
-(uint8 array ``[n, H, W, C]`` at the working size). One record per class, as Meta-Dataset does,
-because an episode needs K+Q images of each of N classes: a class record is one sequential read and
-a zero-cost decode, and the streaming sampler never has to regroup a shuffled image stream into
-per-class buffers.
+(uint8 array ``[n, S, S, C]`` at the stored size ``S``: the model's input size for characters,
+larger for natural images so that random crops are taken from real pixels). One record per class, as
+Meta-Dataset does, because an episode needs K+Q images of each of N classes: a class record is one
+sequential read and a zero-cost decode, and the streaming sampler never has to regroup a shuffled
+image stream into per-class buffers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,51 @@ import numpy as np
 
 from hmaml.errors import HmamlError
 
-PACK_VERSION = 1
+#: 2: the manifest's ``image`` names the stored size and the pipeline (version 1 stored natural
+#: images at the model's input size, so crops were upsampled and nothing was normalised).
+PACK_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
+#: ``characters``: values 0..1, resized to the input size. ``natural``: the CloserLook pipeline
+#: (random-resized crop from the stored image in training, resize x 1.15 and centre crop in
+#: evaluation) and ImageNet mean/std normalisation.
+PIPELINES = ("characters", "natural")
+
+
+def split_parts(split: str) -> list[str]:
+    """The pack splits named by ``split``: one name, or a union such as ``train+val+test``
+    (mini-ImageNet -> CUB trains on all 100 mini-ImageNet classes)."""
+    return split.split("+")
+
+
+def split_classes(manifest: dict[str, Any], split: str) -> int:
+    """Classes in ``split`` (a union: the sum of its parts); a missing part is an error."""
+    splits = manifest.get("splits", {})
+    for part in split_parts(split):
+        if part not in splits:
+            raise HmamlError(f"split {part!r} is not in the pack (it has: "
+                             f"{', '.join(sorted(splits)) or 'none'})")
+    return sum(len(splits[part]["classes"]) for part in split_parts(split))
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A pack's images: the model's input side ``size``, ``channels``, the side they are stored
+    at (``stored_size`` >= ``size``) and the preprocessing ``pipeline`` they get."""
+
+    size: int
+    channels: int
+    stored_size: int
+    pipeline: str
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> ImageSpec:
+        image = manifest["image"]
+        return cls(int(image["size"]), int(image["channels"]), int(image["stored_size"]),
+                   str(image["pipeline"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -71,5 +115,6 @@ def read_manifest(pack_dir: str | Path) -> dict[str, Any]:
     version = manifest.get("pack_version")
     if version != PACK_VERSION:
         raise HmamlError(f"{path}: pack_version {version!r} is not the supported {PACK_VERSION}; "
-                         "re-pack the dataset with this version of hmaml")
+                         "re-pack the dataset with this version of hmaml "
+                         "(python launch/pack.py <dataset> ... --force)")
     return manifest

@@ -23,6 +23,7 @@ from hmaml.data.episodes import train_loader
 from hmaml.data.format import (
     MANIFEST_NAME,
     PACK_VERSION,
+    ImageSpec,
     encode_class_record,
     read_manifest,
     sha256_file,
@@ -31,9 +32,10 @@ from hmaml.data.format import (
 from hmaml.errors import HmamlError
 
 
-def write_synthetic_pack(root: Path, *, classes: int, per_class: int, size: int, channels: int,
+def write_synthetic_pack(root: Path, *, classes: int, per_class: int, image: ImageSpec,
                          classes_per_shard: int = 16, seed: int = 0) -> Path:
     """A pack of random-noise classes with only a ``train`` split (for timing, not learning)."""
+    side, channels = image.stored_size, image.channels
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     entries, shards = [], []
@@ -42,13 +44,13 @@ def write_synthetic_pack(root: Path, *, classes: int, per_class: int, size: int,
         labels = range(first, min(first + classes_per_shard, classes))
         with wds.TarWriter(str(path)) as sink:
             for label in labels:
-                images = rng.integers(0, 256, (per_class, size, size, channels), dtype=np.uint8)
+                images = rng.integers(0, 256, (per_class, side, side, channels), dtype=np.uint8)
                 sink.write(encode_class_record(label, f"noise{label:04d}", images))
                 entries.append({"label": label, "name": f"noise{label:04d}", "count": per_class})
         shards.append({"file": path.name, "sha256": sha256_file(path), "classes": len(labels),
                        "images": per_class * len(labels), "bytes": path.stat().st_size})
-    manifest = {"pack_version": PACK_VERSION, "dataset": f"synthetic{size}",
-                "image": {"size": size, "channels": channels},
+    manifest = {"pack_version": PACK_VERSION, "dataset": f"synthetic{image.size}",
+                "image": image.as_dict(),
                 "splits": {"train": {"classes": entries, "shards": shards}}, "sources": [],
                 "options": {"classes": classes, "per_class": per_class, "seed": seed},
                 "fingerprint": ""}
@@ -77,7 +79,8 @@ def run(shards: str | None, way: int, shot: int, query: int, workers: int,
         tasks_per_batch: int = 32, seconds: float = 5.0, augment: str | None = None
         ) -> dict[str, Any]:
     """Episodes/s of the training stream on ``shards`` (if given; its ``train`` split, or its
-    first split, with ``augment``) and on the synthetic 84 px and 28 px packs."""
+    first split, with ``augment``) and on synthetic packs like the natural-image ones (84 px
+    input, stored at the default 126 px) and the character ones (28 px)."""
     results: dict[str, Any] = {"way": way, "shot": shot, "query": query, "workers": workers,
                                "tasks_per_batch": tasks_per_batch}
     shape = dict(way=way, shot=shot, query=query, workers=workers,
@@ -90,11 +93,11 @@ def run(shards: str | None, way: int, shot: int, query: int, workers: int,
         results["pack_eps"], results["pack_startup_s"] = measure(shards, split, augment=augment,
                                                                  **shape)
     with tempfile.TemporaryDirectory(prefix="hmaml-loader-bench-") as tmp:
-        for name, size, channels, augment_synth in (("synthetic84", 84, 3, "natural"),
-                                                    ("synthetic28", 28, 1, None)):
+        for name, image, augment_synth in (
+                ("synthetic84", ImageSpec(84, 3, 126, "natural"), "natural"),
+                ("synthetic28", ImageSpec(28, 1, 28, "characters"), None)):
             pack = write_synthetic_pack(Path(tmp) / name, classes=64,
-                                        per_class=max(60, shot + query), size=size,
-                                        channels=channels)
+                                        per_class=max(60, shot + query), image=image)
             results[f"{name}_eps"], results[f"{name}_startup_s"] = measure(
                 pack, "train", augment=augment_synth, **shape)
     return results

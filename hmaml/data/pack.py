@@ -127,7 +127,8 @@ def _write_shards(source: Source, folder: Path, shard_bytes: int, workers: int,
     order = [(split, label, entry) for split in SPLITS if split in source.splits
              for label, entry in enumerate(source.splits[split])]
     total = sum(len(entry.refs) for _, _, entry in order)
-    shape = (source.size, source.size, source.channels)
+    image = source.image
+    shape = (image.stored_size, image.stored_size, image.channels)
     splits: dict[str, Any] = {}
     sinks: dict[str, _ShardSink] = {}
     try:
@@ -226,7 +227,7 @@ def pack_dataset(dataset: str, src: str | Path | None, out: str | Path, *, force
         manifest: dict[str, Any] = {
             "pack_version": PACK_VERSION,
             "dataset": source.dataset,
-            "image": {"size": source.size, "channels": source.channels},
+            "image": source.image.as_dict(),
             "splits": _write_shards(source, folder, shard_bytes, workers, progress),
             "sources": sources,
             "options": pack_options,

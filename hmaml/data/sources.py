@@ -2,9 +2,12 @@
 
 A :class:`Source` lists, for each split, its classes in label order (name + image references) and
 holds a picklable ``loader`` that turns one class's references into uint8 ``[n, S, S, C]`` at the
-working size: 28 px grey for the character sets (dark strokes on white, as Omniglot is drawn),
-84 px RGB for natural images. Listing never decodes an image, so class counts are cheap and every
-missing file, missing split or too-small class is reported before any work starts.
+stored size: 28 px grey for the character sets (dark strokes on white, as Omniglot is drawn), the
+model's input size; RGB natural images for an 84 px input are stored at 126 px by default
+(``store_size``), the whole frame resized to a square as the CloserLook evaluation resize does, so
+that training crops come from real pixels rather than upsampled ones. Listing never decodes an
+image, so class counts are cheap and every missing file, missing split or too-small class is
+reported before any work starts.
 
 Image references are file paths or zip members (:class:`ImageRef`); a ``.tgz`` (CUB) is extracted
 safely into a scratch folder first, since a gzip stream has no random access.
@@ -25,13 +28,17 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from hmaml.data.format import SPLITS
+from hmaml.data.format import SPLITS, ImageSpec
 from hmaml.data.glyphs import GLYPH_SIZE, GLYPH_VERSION, GlyphLoader, glyph_classes
 from hmaml.errors import HmamlError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DATASETS = ("folder", "omniglot", "omniglot-nolatin", "emnist", "cub", "mini-imagenet", "glyphs")
 CHAR_SIZE, NATURAL_SIZE = 28, 84
+#: Natural images are stored at this multiple of the input size by default (126 px for 84):
+#: above the evaluation resize (x 1.15), and random crops of a third of the area or more are
+#: not upsampled.
+NATURAL_STORE_SCALE = 1.5
 _ROTATIONS = (0, 90, 180, 270)
 
 
@@ -71,8 +78,7 @@ class Source:
     """What a dataset reader yields: classes per split + a loader of one class's images."""
 
     dataset: str
-    size: int
-    channels: int
+    image: ImageSpec
     splits: dict[str, list[ClassEntry]]
     loader: Callable[[tuple[Any, ...]], np.ndarray]
     inputs: list[SourceInput]
@@ -145,6 +151,20 @@ class ImageLoader:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def image_spec(size: int, channels: int, pipeline: str,
+               store_size: int | None = None) -> ImageSpec:
+    """The pack's image spec: characters are stored at the input size; natural images at
+    ``store_size`` (default :data:`NATURAL_STORE_SCALE` x ``size``), never below ``size``."""
+    if pipeline == "characters":
+        stored = store_size or size
+    else:
+        stored = store_size or round(size * NATURAL_STORE_SCALE)
+    if stored < size:
+        raise HmamlError(f"store_size={stored} is below the input size {size}: crops would be "
+                         "upsampled; choose at least the input size")
+    return ImageSpec(size, channels, stored, pipeline)
+
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
@@ -267,8 +287,10 @@ def split_by_ratio(names: Sequence[str], rule: str, seed: int) -> dict[str, list
 
 
 def folder_source(src: Path, *, split_file: str | None = None, split_rule: str | None = None,
-                  seed: int = 0, size: int = NATURAL_SIZE, channels: int = 3) -> Source:
-    """A folder of class folders; the split comes from a split file or a ratio rule."""
+                  seed: int = 0, size: int = NATURAL_SIZE, channels: int = 3,
+                  store_size: int | None = None) -> Source:
+    """A folder of class folders; the split comes from a split file or a ratio rule. RGB
+    folders get the natural pipeline, grey ones the characters pipeline."""
     root = _require(src, "dataset folder")
     if not root.is_dir():
         raise HmamlError(f"{root}: expected a folder of class folders")
@@ -276,6 +298,7 @@ def folder_source(src: Path, *, split_file: str | None = None, split_rule: str |
         raise HmamlError("dataset 'folder' needs exactly one of --split-file or --split-rule")
     if channels not in (1, 3) or size < 1:
         raise HmamlError(f"size={size}, channels={channels}: channels must be 1 or 3, size > 0")
+    image = image_spec(size, channels, "natural" if channels == 3 else "characters", store_size)
     tree = {key[0]: files for key, files in _dir_tree(root, 1).items()}
     inputs = []
     if split_file is not None:
@@ -297,8 +320,9 @@ def folder_source(src: Path, *, split_file: str | None = None, split_rule: str |
     inputs.insert(0, SourceInput(root.name, root, used))
     options = {"split_file": Path(split_file).name if split_file else None,
                "split_rule": split_rule, "seed": seed if split_rule else None,
-               "size": size, "channels": channels}
-    return Source("folder", size, channels, splits, ImageLoader(size, channels), inputs, options)
+               "size": size, "channels": channels, "store_size": image.stored_size}
+    return Source("folder", image, splits, ImageLoader(image.stored_size, channels), inputs,
+                  options)
 
 
 # ----------------------------------------------------------------------------- Omniglot
@@ -373,7 +397,8 @@ def omniglot_source(src: Path, *, split: str = "background", rotations: bool = F
         options = {"split": split}
     else:
         raise HmamlError(f"omniglot split {split!r}: use 'background' or 'vinyals'")
-    return Source("omniglot-nolatin" if no_latin else "omniglot", CHAR_SIZE, 1, splits,
+    return Source("omniglot-nolatin" if no_latin else "omniglot",
+                  image_spec(CHAR_SIZE, 1, "characters"), splits,
                   ImageLoader(CHAR_SIZE, 1), inputs, options)
 
 
@@ -425,7 +450,8 @@ def emnist_source(src: Path) -> Source:
                 for i in sorted(ids) if i % 2 == parity]
 
     splits = {"val": entries(0), "test": entries(1)}
-    return Source("emnist", CHAR_SIZE, 1, splits, ImageLoader(CHAR_SIZE, 1, invert=True), inputs,
+    return Source("emnist", image_spec(CHAR_SIZE, 1, "characters"), splits,
+                  ImageLoader(CHAR_SIZE, 1, invert=True), inputs,
                   {"split": "even-val-odd-test", "invert": True})
 
 
@@ -462,7 +488,8 @@ def _find_cub_images(path: Path, workdir: Path | None) -> tuple[Path, SourceInpu
                      "CUB_200_2011.tgz) found")
 
 
-def cub_source(src: Path, workdir: Path | None = None) -> Source:
+def cub_source(src: Path, workdir: Path | None = None, *,
+               store_size: int | None = None) -> Source:
     """CUB-200-2011: sorted class folders; i%2==0 train, i%4==1 val, i%4==3 test (100/50/50)."""
     images, archive_input = _find_cub_images(_require(src, "CUB source"), workdir)
     tree = _dir_tree(images, 1)
@@ -475,8 +502,10 @@ def cub_source(src: Path, workdir: Path | None = None) -> Source:
     splits = {s: c for s, c in splits.items() if c}
     inputs = [archive_input] if archive_input else [
         SourceInput("CUB_200_2011/images", images, tuple(f for v in tree.values() for f in v))]
-    return Source("cub", NATURAL_SIZE, 3, splits, ImageLoader(NATURAL_SIZE, 3), inputs,
-                  {"split": "i%2==0 train, i%4==1 val, i%4==3 test"})
+    image = image_spec(NATURAL_SIZE, 3, "natural", store_size)
+    return Source("cub", image, splits, ImageLoader(image.stored_size, 3), inputs,
+                  {"split": "i%2==0 train, i%4==1 val, i%4==3 test",
+                   "store_size": image.stored_size})
 
 
 # ----------------------------------------------------------------------------- mini-ImageNet
@@ -498,7 +527,8 @@ def read_ravi_csv(path: Path) -> list[tuple[str, list[str]]]:
     return list(classes.items())
 
 
-def mini_imagenet_source(src: Path, *, split_dir: str | None = None) -> Source:
+def mini_imagenet_source(src: Path, *, split_dir: str | None = None,
+                         store_size: int | None = None) -> Source:
     """mini-ImageNet: Ravi csvs (``split_dir``, default ``src``) + a flat or ``images/`` folder."""
     root = _require(src, "mini-ImageNet folder")
     images = root / "images" if (root / "images").is_dir() else root
@@ -517,8 +547,9 @@ def mini_imagenet_source(src: Path, *, split_dir: str | None = None) -> Source:
             entries.append(ClassEntry(label, tuple(ImageRef("", str(p)) for p in paths)))
         splits[split] = entries
     inputs.insert(0, SourceInput(images.name, images, tuple(used)))
-    return Source("mini-imagenet", NATURAL_SIZE, 3, splits, ImageLoader(NATURAL_SIZE, 3), inputs,
-                  {"split": "ravi"})
+    image = image_spec(NATURAL_SIZE, 3, "natural", store_size)
+    return Source("mini-imagenet", image, splits, ImageLoader(image.stored_size, 3), inputs,
+                  {"split": "ravi", "store_size": image.stored_size})
 
 
 # ----------------------------------------------------------------------------- glyphs
@@ -533,7 +564,7 @@ def glyph_source(*, classes: Sequence[int] = (1000, 200, 200), per_class: int = 
     splits = {split: [ClassEntry(name, refs) for name, refs in
                       glyph_classes(split, n, per_class, seed)]
               for split, n in zip(SPLITS, counts, strict=True) if n > 0}
-    return Source("glyphs", GLYPH_SIZE, 1, splits, GlyphLoader(), [],
+    return Source("glyphs", image_spec(GLYPH_SIZE, 1, "characters"), splits, GlyphLoader(), [],
                   {"classes": list(counts), "per_class": per_class, "seed": seed,
                    "generator_version": GLYPH_VERSION})
 
@@ -541,12 +572,12 @@ def glyph_source(*, classes: Sequence[int] = (1000, 200, 200), per_class: int = 
 # ----------------------------------------------------------------------------- registry
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "folder": ("split_file", "split_rule", "seed", "size", "channels"),
+    "folder": ("split_file", "split_rule", "seed", "size", "channels", "store_size"),
     "omniglot": ("split", "rotations", "split_dir"),
     "omniglot-nolatin": (),
     "emnist": (),
-    "cub": (),
-    "mini-imagenet": ("split_dir",),
+    "cub": ("store_size",),
+    "mini-imagenet": ("split_dir", "store_size"),
     "glyphs": ("classes", "per_class", "seed"),
 }
 
@@ -575,7 +606,7 @@ def open_source(dataset: str, src: str | Path | None, *, workdir: Path | None = 
             "omniglot": lambda: omniglot_source(path, **options),
             "omniglot-nolatin": lambda: omniglot_source(path, no_latin=True),
             "emnist": lambda: emnist_source(path),
-            "cub": lambda: cub_source(path, workdir),
+            "cub": lambda: cub_source(path, workdir, **options),
             "mini-imagenet": lambda: mini_imagenet_source(path, **options),
         }
         source = builders[dataset]()

@@ -1,9 +1,14 @@
 """Image augmentation on stacks of tensors, torch only (no torchvision).
 
-Every transform takes a float batch ``[B, C, H, W]`` in 0..1 and a ``torch.Generator`` and draws
-its randomness per image from that generator only, so a stream seeded the same way augments the
-same way. All of them are vectorised over the batch: one call augments every image of a meta-batch
-of episodes (a few thousand images) without a Python loop per image.
+Every transform takes a float batch ``[B, C, H, W]`` in 0..1 (at the pack's stored size) and a
+``torch.Generator`` and draws its randomness per image from that generator only, so a stream
+seeded the same way augments the same way. All of them are vectorised over the batch: one call
+augments every image of a meta-batch of episodes (a few thousand images) without a Python loop
+per image.
+
+:func:`build_transform` chains them into a pack pipeline's training or evaluation transform
+(see ``hmaml.data.format.PIPELINES``): characters stay 0..1; natural images get the CloserLook
+pipeline and ImageNet mean/std normalisation, in training and evaluation alike.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ Transform = Callable[[Tensor, torch.Generator], Tensor]
 """``(images [B, C, H, W] float 0..1, generator) -> images [B, C, size, size] float 0..1``."""
 
 PRESETS = ("none", "natural")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_RESIZE = 1.15  # natural evaluation: resize to 1.15 x the input size, then centre-crop it
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL and torchvision use
 _ATTEMPTS = 10  # random-resized-crop tries before its centre-crop fallback (torchvision's rule)
 
@@ -172,10 +180,27 @@ def color_jitter(images: Tensor, generator: torch.Generator, *, brightness: floa
     return out.clamp_(0.0, 1.0)
 
 
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The centred ``size`` x ``size`` window (torchvision's rounding of the offset)."""
+    height, width = images.shape[-2:]
+    if size > min(height, width):
+        raise ValueError(f"center_crop: {size} px from {height} x {width} images")
+    top, left = round((height - size) / 2), round((width - size) / 2)
+    return images[..., top:top + size, left:left + size]
+
+
+def normalize(images: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
+              std: tuple[float, ...] = IMAGENET_STD) -> Tensor:
+    """``(x - mean) / std`` per channel, in place."""
+    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return images.sub_(m).div_(s)
+
+
 def natural(images: Tensor, generator: torch.Generator, size: int) -> Tensor:
     """The augmentation of the CUB / mini-ImageNet baselines: random-resized crop (area 8-100 %,
     ratio 3/4-4/3) to ``size`` with a horizontal flip half of the time, colour jitter 0.4 / 0.4 /
-    0.4."""
+    0.4 (values stay 0..1)."""
     images = random_resized_crop(images, size, generator, flip_p=0.5)
     return color_jitter(images, generator, brightness=0.4, contrast=0.4, saturation=0.4)
 
@@ -185,14 +210,37 @@ def plain(images: Tensor, generator: torch.Generator, size: int) -> Tensor:
     return resize(images, size)
 
 
-def build_transform(name: str | None, size: int) -> Transform:
-    """The named preset at output size ``size``: ``None``/``"none"`` (characters) or ``"natural"``.
+def natural_train(images: Tensor, generator: torch.Generator, size: int) -> Tensor:
+    """The natural pipeline in training: :func:`natural`, then ImageNet normalisation."""
+    return normalize(natural(images, generator, size))
+
+
+def natural_eval(images: Tensor, generator: torch.Generator, size: int) -> Tensor:
+    """The natural pipeline in evaluation (and training without augmentation), no randomness:
+    resize to ``int(1.15 * size)``, centre-crop ``size``, ImageNet normalisation."""
+    return normalize(center_crop(resize(images, int(size * EVAL_RESIZE)), size).contiguous())
+
+
+_PIPELINES: dict[tuple[str, str], Callable[..., Tensor]] = {
+    ("characters", "none"): plain,
+    ("characters", "natural"): natural,
+    ("natural", "none"): natural_eval,
+    ("natural", "natural"): natural_train,
+}
+
+
+def build_transform(augment: str | None, size: int, pipeline: str = "characters") -> Transform:
+    """The transform of a pack ``pipeline`` to input size ``size``, with the ``augment`` preset
+    (``None``/``"none"``: the evaluation transform; ``"natural"``: the natural augmentation).
 
     A ``functools.partial`` of a module function, so a dataset holding it pickles into spawned
     DataLoader workers.
     """
-    if name is None or name == "none":
-        return partial(plain, size=size)
-    if name == "natural":
-        return partial(natural, size=size)
-    raise HmamlError(f"augment={name!r} is not a known preset; choose one of {', '.join(PRESETS)}")
+    name = augment or "none"
+    if name not in PRESETS:
+        raise HmamlError(f"augment={name!r} is not a known preset; choose one of "
+                         f"{', '.join(PRESETS)}")
+    if (pipeline, name) not in _PIPELINES:
+        raise HmamlError(f"image pipeline {pipeline!r} is unknown (a pack written by another "
+                         "hmaml version?); re-pack the dataset")
+    return partial(_PIPELINES[pipeline, name], size=size)

@@ -14,10 +14,10 @@ import torch
 
 from hmaml.config import Config
 from hmaml.data.episodes import EvalLoader, eval_loader
-from hmaml.data.format import MANIFEST_NAME, read_manifest
+from hmaml.data.format import MANIFEST_NAME, read_manifest, split_classes
 from hmaml.errors import HmamlError
 from hmaml.methods import Method, build_method
-from hmaml.models import ENCODERS, build_encoder
+from hmaml.models import ENCODERS, build_encoder, load_encoder
 from hmaml.precision import Precision
 
 
@@ -47,19 +47,25 @@ def open_packs(cfg: Config, *, train: bool = True) -> Packs:
               (eval_pack, eval_manifest, [data.val_split, data.test_split])]
     for pack, manifest, splits in wanted:
         for split in splits:
-            if split not in manifest["splits"]:
-                raise HmamlError(f"{pack}/{MANIFEST_NAME}: no split {split!r} (it has "
-                                 f"{', '.join(manifest['splits'])})")
+            try:
+                split_classes(manifest, split)
+            except HmamlError as exc:
+                raise HmamlError(f"{pack}/{MANIFEST_NAME}: {exc}") from None
     return Packs(Path(data.train_pack), eval_pack, train_manifest, eval_manifest)
 
 
 def build_model(cfg: Config, packs: Packs, precision: Precision,
                 device: torch.device) -> Method:
-    """The config's method and encoder, initialised from ``cfg.seed``, its encoder running in
-    ``precision``, compiled for ``device`` with ``train.compile``."""
+    """The config's method and encoder, initialised from ``cfg.seed`` (the encoder from
+    ``model.init_from`` when set), its encoder running in ``precision``, compiled for ``device``
+    with ``train.compile``."""
     torch.manual_seed(cfg.seed)
     image = packs.image
-    encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"])
+    encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"],
+                            cfg.model.init)
+    if cfg.model.init_from:
+        load_encoder(encoder, cfg.model.init_from, cfg.model.encoder, image["channels"],
+                     image["size"])
     method = build_method(cfg.method, encoder, cfg.data.n_way)
     method.encoder_dtype = precision.dtype
     if cfg.train.compile:

@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 
 from hmaml.config import Config, fingerprint, to_yaml
 from hmaml.data.episodes import train_loader
-from hmaml.data.format import MANIFEST_NAME
+from hmaml.data.format import MANIFEST_NAME, split_classes
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
 from hmaml.files import read_json, write_json_atomic
 from hmaml.methods import Method
+from hmaml.plots import plot_learning_curve
 from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
 from hmaml.train.build import build_model, episodes_of, open_packs
@@ -54,7 +55,7 @@ from hmaml.train.checkpoint import (
 from hmaml.train.plan import Plan, check_engine, deepspeed_requested, is_rank0, make_plan
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult
-from hmaml.train.tracking import make_tracker, plot_learning_curve
+from hmaml.train.tracking import make_tracker
 
 
 class NonFiniteError(HmamlError):
@@ -476,7 +477,7 @@ def milestones(cfg: Config, epoch: int) -> dict[str, int]:
 def _header(trainer: Trainer, changes: list[str]) -> str:
     cfg, acc = trainer.cfg, trainer.acc
     tm, em = trainer.packs.train_manifest, trainer.packs.eval_manifest
-    count = lambda m, s: len(m["splits"][s]["classes"])  # noqa: E731
+    count = split_classes
     lines = [
         f"hmaml · {cfg.name}: {cfg.method.name} + {cfg.model.encoder}, {cfg.data.n_way}-way "
         f"{cfg.data.n_shot}-shot",

@@ -10,6 +10,7 @@ whether training ever reached p = 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmaml.config import Config, fingerprint
+from hmaml.config import FINGERPRINT_KEYS, Config, config_from_yaml, fingerprint
 from hmaml.errors import HmamlError
 from hmaml.evaluate import EvalResult, evaluate
 from hmaml.files import read_json, write_json_atomic
 from hmaml.methods import Method
 from hmaml.precision import resolve_precision
-from hmaml.train.build import Packs, build_model, episodes_of, open_packs
+from hmaml.train.build import Packs, build_model, episodes_of, eval_tasks_per_batch, open_packs
 from hmaml.train.checkpoint import restore_best
 from hmaml.train.rundir import RunDir
 
@@ -62,6 +63,9 @@ class TestReport:
             "weight_update_norm": None if None in norms else float(np.mean(norms)),
             "bias_update_norm": None if norms[0] is None else float(
                 np.mean([r.bias_update_norm for r in self.repeats])),
+            "repeat_weight_update_norms": norms,
+            "repeat_bias_update_norms": [r.bias_update_norm for r in self.repeats],
+            "test_seconds": [r.seconds for r in self.repeats],
         }
 
     def lines(self) -> list[str]:
@@ -100,16 +104,35 @@ def test_best(model: Any, method: Method, cfg: Config, packs: Packs, accelerator
                       reached_p0)
 
 
+#: Keys ``--override`` may not change: they fix the shapes of the trained parameters.
+FIXED_BY_TRAINING = FINGERPRINT_KEYS
+
+
 def evaluate_run(run_dir: str | Path, episodes: int | None = None,
-                 repeats: int | None = None) -> dict[str, Any]:
+                 repeats: int | None = None, overrides: Sequence[str] = (), *,
+                 warmup: bool = False, write: bool = True) -> dict[str, Any]:
     """Re-test a run's best checkpoint (under ``accelerate launch`` too: episodes split across
-    processes, results gathered); writes and returns ``evaluate.json``."""
+    processes, results gathered); writes (with ``write``) and returns ``evaluate.json``.
+
+    ``overrides`` (``key=value``) change how the trained model is tested, e.g.
+    ``method.inner_steps=10`` for a MAML run (Tables 4 and 8); keys that fix parameter shapes
+    are refused. ``warmup`` first adapts one untimed batch, so that ``test_seconds`` exclude
+    one-time kernel set-up.
+    """
     from accelerate import Accelerator
 
     rd = RunDir(run_dir)
-    cfg = rd.stored_config()
-    if cfg is None:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in FIXED_BY_TRAINING:
+            raise HmamlError(f"--override {item}: {key} fixes the shapes of the trained "
+                             f"parameters and cannot change at test time (fixed: "
+                             f"{', '.join(FIXED_BY_TRAINING)})")
+    if not rd.config.is_file():
         raise HmamlError(f"{rd.path}: not a run directory (no {rd.config.name})")
+    # the checkpoint holds every weight: the encoder file of model.init_from is not needed
+    cfg = config_from_yaml(rd.config.read_text(), str(rd.config),
+                           [*overrides, "model.init_from=null"])
     if not rd.best.is_file():
         raise HmamlError(f"{rd.path}: no {rd.best.name} yet (the run has not validated an "
                          "epoch)")
@@ -122,10 +145,19 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
     progress = read_json(rd.progress) or {}
     method.set_epoch(max(int(progress.get("epoch", cfg.train.epochs)) - 1, 0))
     reached = method.p == 0.0
+    if warmup:
+        restore_best(method, rd.best, fingerprint(cfg))
+        method.set_tested()
+        batch = eval_tasks_per_batch(cfg, packs, cfg.data.test_query)  # the timed batches' shape
+        first = episodes_of(cfg, packs, cfg.data.test_split, batch * accelerator.num_processes,
+                            cfg.data.test_query, rank=accelerator.process_index,
+                            world=accelerator.num_processes)
+        evaluate(model, first, accelerator)
     report = test_best(model, method, cfg, packs, accelerator, rd.best, reached, episodes,
                        repeats)
-    summary = {"run_dir": str(rd.path), **report.as_json(), "lines": report.lines()}
-    if accelerator.is_main_process:
+    summary = {"run_dir": str(rd.path), "overrides": list(overrides), **report.as_json(),
+               "lines": report.lines()}
+    if write and accelerator.is_main_process:
         write_json_atomic(rd.evaluation, summary)
     return summary
 

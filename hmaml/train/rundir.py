@@ -78,6 +78,7 @@ class RunDir:
     trial = property(lambda self: self._file("trial.json"))
     learning_curve = property(lambda self: self._file("learning_curve.png"))
     evaluation = property(lambda self: self._file("evaluate.json"))
+    encoder = property(lambda self: self._file("encoder.pt"))
 
     def zero_state(self, epoch: int, step: int) -> Path:
         return self._file(f"{ZERO_PREFIX}{epoch:06d}-{step:06d}")

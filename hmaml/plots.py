@@ -1,0 +1,127 @@
+"""Figures a person would rather look at than read: a run's learning curve and the accuracy vs
+time of MAML's inner steps beside HyperMAML (the paper's Tables 4 and 8). matplotlib is imported
+inside each function (Agg canvas, no display), so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def phase_spans(history: Sequence[Mapping[str, Any]]) -> list[tuple[float, float, str]]:
+    """Contiguous ``(first_epoch, last_epoch + 1, phase)`` runs of the MAML weight ``p``:
+    ``"warm-up"`` where p == 1 and ``"switch"`` where 0 < p < 1 (epochs without p are skipped)."""
+    spans: list[tuple[float, float, str]] = []
+    for row in history:
+        p = row.get("p")
+        if p is None or p <= 0:
+            continue
+        phase = "warm-up" if p >= 1 else "switch"
+        epoch = float(row["epoch"])
+        if spans and spans[-1][2] == phase and spans[-1][1] == epoch:
+            spans[-1] = (spans[-1][0], epoch + 1, phase)
+        else:
+            spans.append((epoch, epoch + 1, phase))
+    return spans
+
+
+def lr_drops(history: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Epochs whose learning rate is lower than the previous logged one."""
+    drops, previous = [], None
+    for row in history:
+        lr = row.get("lr")
+        if lr is None:
+            continue
+        if previous is not None and lr < previous:
+            drops.append(float(row["epoch"]))
+        previous = lr
+    return drops
+
+
+def plot_learning_curve(history: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path:
+    """Draw train loss (left axis), train and validation accuracy (right axis) against epoch,
+    shade the MAML warm-up and switch epochs and mark LR drops; write a PNG.
+
+    ``history`` holds one dict per epoch with ``epoch`` and any of ``train_loss``, ``train_acc``,
+    ``val_acc``, ``p`` (MAML weight of the warm-up switch) and ``lr``.
+    """
+    if not history:
+        raise ValueError("learning curve: the history is empty")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax = fig.add_subplot()
+    acc_ax = loss_ax.twinx()
+    colours = {"warm-up": "tab:orange", "switch": "tab:olive"}
+    for start, stop, phase in phase_spans(history):
+        loss_ax.axvspan(start, stop, color=colours[phase], alpha=0.15, lw=0)
+    for epoch in lr_drops(history):
+        loss_ax.axvline(epoch, color="grey", ls="--", lw=1)
+    lines = []
+    for axis, key, label, style in ((loss_ax, "train_loss", "train loss", "tab:red"),
+                                    (acc_ax, "train_acc", "train accuracy", "tab:blue"),
+                                    (acc_ax, "val_acc", "validation accuracy", "tab:green")):
+        points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            lines += axis.plot(xs, ys, color=style, label=label, lw=1.5)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    acc_ax.set_ylabel("accuracy (%)")
+    from matplotlib.patches import Patch
+
+    labels = {"warm-up": "MAML warm-up", "switch": "MAML -> hypernetwork switch"}
+    shown = {span[2] for span in phase_spans(history)}
+    handles = lines + [Patch(color=c, alpha=0.3, label=labels[p]) for p, c in colours.items()
+                       if p in shown]
+    if lr_drops(history):
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="grey", ls="--", lw=1, label="LR drop"))
+    acc_ax.legend(handles=handles, loc="best", fontsize="small")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_steps(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: str = "") -> Path:
+    """Test accuracy against the seconds of the 600 test tasks: MAML at each number of inner
+    steps as one line (points labelled with K), HyperMAML as one star. ``rows``: dicts with
+    ``model``, ``steps`` (None for HyperMAML), ``seconds``, ``seconds_std``, ``acc``,
+    ``acc_std``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    maml = sorted((r for r in rows if r["model"] == "MAML"), key=lambda r: r["steps"])
+    if maml:
+        ax.errorbar([r["seconds"] for r in maml], [r["acc"] for r in maml],
+                    xerr=[r["seconds_std"] for r in maml], yerr=[r["acc_std"] for r in maml],
+                    marker="o", color="tab:blue", label="MAML (K inner steps)", capsize=2)
+        for r in maml:
+            ax.annotate(f"K={r['steps']}", (r["seconds"], r["acc"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize="x-small")
+    for r in rows:
+        if r["model"] == "HyperMAML":
+            ax.errorbar([r["seconds"]], [r["acc"]], xerr=[r["seconds_std"]],
+                        yerr=[r["acc_std"]], marker="*", markersize=14, color="tab:red",
+                        label="HyperMAML (one forward pass)", capsize=2, ls="none")
+    if maml and maml[-1]["seconds"] > 20 * max(maml[0]["seconds"], 1e-9):
+        ax.set_xscale("log")
+    ax.set_xlabel("seconds for the test tasks")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out

@@ -1,0 +1,81 @@
+"""Re-testing trained runs at other settings (``--override``) and the paper's Tables 3 and 4:
+known answers from the runs' own evaluation, refusals that name the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hmaml.train.loop import train
+from hmaml.train.protocol import evaluate_run
+from launch.evaluate import main as evaluate_main
+from launch.tables import main as tables_main
+from tests.train_fixtures import tiny_config, tiny_pack  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+    """A tiny trained HyperMAML run and a tiny whole-network MAML run."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, extra in (("hypermaml", {}),
+                        ("maml", {"method.name": "maml", "method.adapt": "all"})):
+        cfg = tiny_config(tiny_pack, root / name, **{"train.mixed_precision": "no", **extra})
+        train(cfg)
+        out[name] = root / name
+    return out
+
+
+def test_override_tests_maml_at_other_inner_steps(runs, capsys):
+    trained = evaluate_run(runs["maml"], 8, 1, write=False)
+    same = evaluate_run(runs["maml"], 8, 1, ["method.inner_steps=1"], write=False)
+    zero = evaluate_run(runs["maml"], 8, 1, ["method.inner_steps=0"], write=False)
+    assert same["test_repeats"] == trained["test_repeats"]  # the run was trained at 1 step
+    assert same["weight_update_norm"] == pytest.approx(trained["weight_update_norm"])
+    assert zero["weight_update_norm"] == 0.0 and zero["bias_update_norm"] == 0.0
+    assert zero["overrides"] == ["method.inner_steps=0"]
+    assert evaluate_main(["--run", str(runs["maml"]), "--override", "method.inner_steps=2",
+                          "--episodes", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "overrides: method.inner_steps=2" in out and " s)" in out
+    assert json.loads((runs["maml"] / "evaluate.json").read_text())["overrides"] == [
+        "method.inner_steps=2"]
+
+
+@pytest.mark.parametrize("key", ["method.hn_width=8", "model.encoder=resnet12", "data.n_way=3"])
+def test_override_refuses_keys_that_fix_parameter_shapes(runs, key, capsys):
+    assert evaluate_main(["--run", str(runs["hypermaml"]), "--override", key]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --override {key}: ") and "fixes the shapes" in err
+    assert err.count("\n") == 1
+
+
+def test_steps_table_times_maml_per_step_count_beside_hypermaml(runs, tmp_path, capsys):
+    assert tables_main(["steps", "--maml", str(runs["maml"]), "--hypermaml",
+                        str(runs["hypermaml"]), "--steps", "0,1", "--episodes", "8",
+                        "--repeats", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "steps.json").read_text())
+    assert [(r["model"], r["steps"]) for r in saved["rows"]] == [
+        ("MAML", 0), ("MAML", 1), ("HyperMAML", None)]
+    assert all(r["seconds"] > 0 and r["repeats"] == 2 for r in saved["rows"])
+    for row, run in ((saved["rows"][1], runs["maml"]), (saved["rows"][2], runs["hypermaml"])):
+        direct = evaluate_run(run, 8, 2, write=False)
+        assert row["acc"] == pytest.approx(np.mean([r["acc"] for r in direct["test_repeats"]]))
+    assert (tmp_path / "steps.png").stat().st_size > 10_000
+    assert "HyperMAML" in printed and "wrote" in printed
+
+
+def test_norms_table_reports_each_runs_update_magnitudes(runs, capsys):
+    assert tables_main(["norms", "--maml", str(runs["maml"]), "--hypermaml",
+                        str(runs["hypermaml"]), "--episodes", "8", "--repeats", "2"]) == 0
+    printed = capsys.readouterr().out
+    hyper = evaluate_run(runs["hypermaml"], 8, 2, write=False)
+    line = next(x for x in printed.splitlines() if x.startswith("HyperMAML"))
+    assert f"{hyper['weight_update_norm']:.2f}" in line and "113.28" in line
+    assert tables_main(["norms", "--maml", str(runs["hypermaml"]), "--hypermaml",
+                        str(runs["hypermaml"])]) == 2
+    assert "a hypermaml run; a maml run is needed here" in capsys.readouterr().err
