@@ -123,7 +123,7 @@ def train_throughput(device: torch.device, meta_batch: int, steps: int,
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(prog="bench.py adapt", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hmaml bench adapt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--episodes", type=int, default=600)

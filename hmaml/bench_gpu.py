@@ -501,7 +501,7 @@ def run_section(name: str, device: torch.device, sizes: Sizes, args: argparse.Na
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py gpu", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hmaml bench gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--smoke", action="store_true",

@@ -8,7 +8,7 @@ Conv4 at 28 px, meta-batch 32, HyperMAML in its pure-hypernetwork phase (p = 0),
 - ``encoder_*``: tasks per second of the encoder alone (forward + backward of a mean), hmaml's
   per-task-BatchNorm Conv4 against a plain ``nn.Sequential`` Conv4 with ``nn.BatchNorm2d`` over
   the whole batch: the plain one is what the machine's fused kernels give, the limit to aim at;
-- ``evaluate_s`` / ``evaluate_peak_mb``: with ``--run``, the whole ``launch/evaluate.py``
+- ``evaluate_s`` / ``evaluate_peak_mb``: with ``--run``, the whole ``hmaml evaluate``
   process on that run (``--eval-episodes`` 600 test tasks, one list), wall time and peak memory.
 
 Variants take turns step by step and the median of ``--steps`` timings counts, so a change in
@@ -113,13 +113,13 @@ def time_steps(variants: dict[str, Step], steps: int, tasks: int,
     return {name: round(tasks / statistics.median(t), 2) for name, t in times.items()}
 
 
-#: Runs a script as ``__main__`` and reports its own peak RSS last on stderr, from VmHWM of
+#: Runs a module as ``__main__`` and reports its own peak RSS last on stderr, from VmHWM of
 #: /proc (Linux): ``ru_maxrss`` survives exec, so it would count the benchmark process that
 #: forked it, compile workers included.
 _PEAK_WRAPPER = """import re, resource, runpy, sys
 sys.argv = sys.argv[1:]
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 finally:
     try:
         with open("/proc/self/status") as status:
@@ -131,11 +131,10 @@ finally:
 
 
 def evaluate_process(run: Path, episodes: int) -> dict[str, float | str]:
-    """Wall time and peak memory of a whole ``launch/evaluate.py`` process on ``run``."""
-    script = Path(__file__).resolve().parents[1] / "launch" / "evaluate.py"
+    """Wall time and peak memory of a whole ``hmaml evaluate`` process on ``run``."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, str(script), "--run", str(run),
-                           "--repeats", "1", "--episodes", str(episodes)],
+    proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, "hmaml.cli", "evaluate", "--run",
+                           str(run), "--repeats", "1", "--episodes", str(episodes)],
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     lines = proc.stderr.strip().splitlines() or ["no output"]
@@ -167,14 +166,15 @@ def targets(result: dict[str, object], train_key: str) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(prog="bench.py train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hmaml bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed rounds (median counts)")
     parser.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch")
     parser.add_argument("--query", type=int, default=16, help="queries per class")
     parser.add_argument("--size", type=int, default=28, help="image size")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--run", type=Path, help="a trained run: time launch/evaluate.py on it")
+    parser.add_argument("--run", type=Path,
+                        help="a trained run: time a whole hmaml evaluate process on it")
     parser.add_argument("--eval-episodes", type=int, default=600,
                         help="test episodes of the timed evaluation")
     args = parser.parse_args(argv)

@@ -143,10 +143,33 @@ class Config:
 
 
 def configs_dir() -> Path:
-    """The repository's ``configs/`` folder (next to the ``hmaml`` package)."""
-    import hmaml
+    """The shipped configs: ``hmaml/configs`` inside the package (so a wheel has them; a
+    checkout's top-level ``configs/`` points there)."""
+    return Path(__file__).resolve().parent / "configs"
 
-    return Path(hmaml.__file__).resolve().parents[1] / "configs"
+
+def shipped_configs() -> dict[str, str]:
+    """Every shipped experiment config: name -> the first sentence of its header comment."""
+    out = {}
+    for path in sorted(configs_dir().glob("*.yaml")):
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("# ").strip())
+        text = " ".join(header)
+        first = text.split(". ")[0].rstrip(".")
+        out[path.stem] = first if len(first) <= 90 else first[:87].rstrip() + "..."
+    return out
+
+
+def config_keys() -> dict[str, list[str]]:
+    """Section -> its keys (``data`` -> ``["train_pack", ...]``; top-level keys under ``""``)."""
+    sections: dict[str, list[str]] = {}
+    for key in flatten(Config()):
+        section, _, name = key.rpartition(".")
+        sections.setdefault(section, []).append(name)
+    return sections
 
 
 def resolve_config_path(path_or_name: str, near: Path | None = None) -> Path:

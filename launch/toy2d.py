@@ -1,20 +1,12 @@
-"""The paper's 2-D toy: MAML-1 vs MAML-5 vs HyperMAML on four task types, drawn as a figure."""
+"""The paper's 2-D toy: MAML-1 vs MAML-5 vs HyperMAML on four task types, drawn as a figure.
 
-from __future__ import annotations
+A thin shim for a checkout: `python launch/toy2d.py ARGS` is `hmaml toy2d ARGS`
+(hmaml/commands/toy2d.py).
+"""
 
-import argparse
+import sys
 
-from hmaml.toy import run_toy
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="toy2d.png", help="where to write the figure (PNG)")
-    parser.add_argument("--steps", type=int, default=1500, help="meta-training steps per method")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    run_toy(args.out, args.steps, args.seed)
-
+from hmaml.commands.toy2d import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

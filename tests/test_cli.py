@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,70 @@ def test_bad_input_is_one_line_naming_the_culprit(argv: list[str], culprit: str)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0]
+
+
+def test_hmaml_lists_its_commands_and_refuses_unknown_ones(capsys) -> None:
+    from hmaml.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name}" in out for name in COMMANDS) and "examples:" in out
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "pretrain", "pack", "sweep", "tables",
+                                     "bench", "toy2d"])
+def test_every_command_has_help_through_the_console_script(command: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "hmaml.cli", command, "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: hmaml {command}")
+
+
+def test_train_help_lists_the_shipped_configs_and_the_keys(capsys) -> None:
+    from hmaml.cli import main
+    from hmaml.config import shipped_configs
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "quickstart" in out and "omni_emnist1_hour" in out
+    assert "model: encoder, init, init_from" in out and "examples:" in out
+    assert main(["train", "--list-configs"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(shipped_configs()) and len(listed) > 30
+
+
+def test_show_config_prints_a_file_that_loads_as_the_same_config(tmp_path, capsys) -> None:
+    from hmaml.cli import main
+    from hmaml.config import load_config, to_dict
+
+    assert main(["train", "--show-config", "cub5", "seed=3"]) == 0
+    copy = tmp_path / "my.yaml"
+    copy.write_text(capsys.readouterr().out)
+    assert to_dict(load_config(str(copy))) == to_dict(load_config("cub5", ["seed=3"]))
+
+
+def test_a_config_name_is_found_from_any_folder(tmp_path) -> None:
+    """--config NAME finds the configs shipped inside the package, whatever the working folder."""
+    proc = subprocess.run([sys.executable, "-m", "hmaml.cli", "train", "--config", "cub5",
+                           "--dry-run", "--processes", "2"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cub5" in proc.stdout and "processes: 2" in proc.stdout
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_module_entry_point(tmp_path) -> None:
+    """`accelerate launch -m hmaml.cli train ...` (Accelerate's module mode) reaches the same
+    command as `accelerate launch launch/train.py ...`."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run([str(accelerate), "launch", "--num_processes", "1", "--cpu", "-m",
+                           "hmaml.cli", "train", "--config", "quickstart", "--dry-run"],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quickstart" in proc.stdout and "processes: 1" in proc.stdout

@@ -17,8 +17,11 @@ from hmaml.errors import HmamlError
 from hmaml.models import build_encoder, save_encoder
 from hmaml.precision import Precision
 from hmaml.train.build import build_model, open_packs
+from hmaml.train.loop import train
+from hmaml.train.rundir import Status
 from launch.pretrain import main as pretrain_main
 from tests.data_fixtures import RAVI, make_cub_tree, need, write_image
+from tests.train_fixtures import tiny_config
 
 
 def _mini_stand_in(root: Path, per_class: int = 2) -> Path:
@@ -95,6 +98,11 @@ def test_pretrain_writes_an_encoder_that_init_from_loads_exactly(tmp_path):
                         Precision("no", "test"), torch.device("cpu"))
     assert not torch.equal(fresh.encoder.state_dict()["blocks.0.conv.weight"],
                            saved["state_dict"]["blocks.0.conv.weight"])
+    # and meta-training runs from it to the end
+    result = train(tiny_config(glyphs, tmp_path / "meta", **{"model.init_from": encoder_file,
+                                                              "data.n_query": 4,
+                                                              "data.test_query": 4}))
+    assert result.status == Status.FINISHED and result.test["test_acc"] > 0
 
 
 def test_init_from_refuses_another_encoder_input_or_a_missing_file(tmp_path):

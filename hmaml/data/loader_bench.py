@@ -106,7 +106,7 @@ def run(shards: str | None, way: int, shot: int, query: int, workers: int,
 def main(argv: list[str] | None = None) -> int:
     """``--shards DIR --way 5 --shot 1 --query 16 [--workers W]``: human lines, then one JSON
     object as the last line. Bad input raises HmamlError for the calling CLI to report."""
-    parser = argparse.ArgumentParser(prog="bench loader", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hmaml bench loader", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", help="a pack folder (manifest.json + shards)")
     parser.add_argument("--way", type=int, default=5)
     parser.add_argument("--shot", type=int, default=1)
