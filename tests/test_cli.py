@@ -98,3 +98,22 @@ def test_accelerate_launch_runs_the_module_entry_point(tmp_path) -> None:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "quickstart" in proc.stdout and "processes: 1" in proc.stdout
+
+
+def test_dependencies_are_ranges_with_their_tested_versions_pinned_in_constraints() -> None:
+    """pyproject: lower bounds only (no ==, no upper bound that blocks a cluster's newer torch);
+    constraints.txt: the exact version CI tested of each, at or above that bound."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values()
+                                      for d in extra]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins = {name.lower(): version for name, version in pins.items()}
+    for dep in deps:
+        name, _, bound = dep.partition(">=")
+        assert bound and "<" not in dep and "==" not in dep, dep
+        tested = pins[name.lower()]
+        as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3] if x.isdigit())  # noqa: E731
+        assert as_tuple(tested) >= as_tuple(bound), (dep, tested)
+    assert project["scripts"] == {"hmaml": "hmaml.cli:main"}
