@@ -11,6 +11,8 @@ import os
 import sys
 from importlib import import_module
 
+from hmaml.log import configure
+
 #: command -> what it does (module ``hmaml.commands.<command>``)
 COMMANDS = {
     "train": "train, validate and test one config (resumes a run folder)",
@@ -34,9 +36,11 @@ EXAMPLES = """examples:
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: hmaml COMMAND [options]   (hmaml COMMAND --help for a command's options)",
+    lines = ["usage: hmaml [-v | -q] COMMAND [options]   (hmaml COMMAND --help: its options)",
              "", "HyperMAML, MAML and ProtoNet few-shot training, tracked in MLflow.", "",
              "commands:", *(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()),
+             "", "-v / -q: more / less output (default: $HMAML_LOG_LEVEL, else INFO); progress",
+             "bars are drawn only on a terminal (log files get one line per epoch).",
              "", EXAMPLES]
     return "\n".join(lines)
 
@@ -44,6 +48,10 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run ``argv[0]``'s command on the rest; ``--help`` (or nothing) lists the commands."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    verbosity = 0
+    while argv and argv[0] in ("-v", "--verbose", "-q", "--quiet"):
+        verbosity = 1 if argv.pop(0) in ("-v", "--verbose") else -1
+    configure(verbosity)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

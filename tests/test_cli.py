@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train_fixtures import tiny_pack  # noqa: F401 (fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,3 +119,33 @@ def test_dependencies_are_ranges_with_their_tested_versions_pinned_in_constraint
         as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3] if x.isdigit())  # noqa: E731
         assert as_tuple(tested) >= as_tuple(bound), (dep, tested)
     assert project["scripts"] == {"hmaml": "hmaml.cli:main"}
+
+
+def _tiny_train(pack: Path, run_dir: Path, *cli_flags: str, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    from tests.train_fixtures import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(pack, run_dir) if not o.startswith("train.progress")]
+    return subprocess.run([sys.executable, "-m", "hmaml.cli", *cli_flags, "train", "--config",
+                           "quickstart", *overrides, "train.progress=true"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_a_log_file_gets_epoch_lines_not_bars(tiny_pack, tmp_path) -> None:  # noqa: F811
+    """stderr is a pipe here, as in a SLURM log: no tqdm redraws, one line per epoch."""
+    proc = _tiny_train(tiny_pack, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"]
+    assert any(line.startswith("test: ") for line in proc.stdout.splitlines())
+
+
+@pytest.mark.parametrize(("flags", "env"), [(["-q"], {}), ([], {"HMAML_LOG_LEVEL": "WARNING"})])
+def test_quiet_keeps_only_the_result(tiny_pack, tmp_path, flags, env):  # noqa: F811
+    proc = _tiny_train(tiny_pack, tmp_path / "run", *flags, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert not any(line.startswith(("epoch ", "hmaml · ")) for line in lines)
+    assert any(line.startswith("test: ") for line in lines)

@@ -29,6 +29,7 @@ from urllib.request import Request, urlopen
 from tqdm import tqdm
 
 from hmaml.errors import HmamlError
+from hmaml.log import show_bars
 
 ENV_BASE = "HMAML_DOWNLOAD_BASE"
 _CHUNK = 1 << 16
@@ -178,7 +179,7 @@ def _download_part(url: str, part: Path, *, progress: bool, timeout: float) -> N
         total = int(length) + offset if length else None
         with open(part, "ab" if offset else "wb") as handle, tqdm(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=part.name[:-5], disable=not progress, file=sys.stderr) as bar:
+                desc=part.name[:-5], disable=not show_bars(progress), file=sys.stderr) as bar:
             try:
                 while block := response.read(_CHUNK):
                     handle.write(block)

@@ -36,6 +36,7 @@ from hmaml.data.format import (
 )
 from hmaml.data.sources import ClassEntry, Source, SourceInput, open_source
 from hmaml.errors import HmamlError
+from hmaml.log import show_bars
 
 DEFAULT_SHARD_BYTES = 64 * 2**20
 _TAR_OVERHEAD = 3 * 512  # two headers + padding per class record, roughly
@@ -134,7 +135,7 @@ def _write_shards(source: Source, folder: Path, shard_bytes: int, workers: int,
     try:
         with _class_images(source, [e for _, _, e in order], workers) as results, \
                 tqdm(total=total, unit="img", desc=f"pack {source.dataset}",
-                     disable=not progress, file=sys.stderr) as bar:
+                     disable=not show_bars(progress), file=sys.stderr) as bar:
             for (split, label, entry), images in zip(order, results, strict=True):
                 if images.dtype != np.uint8 or images.shape[1:] != shape:
                     raise HmamlError(f"class {entry.name!r}: decoded to {images.dtype} "

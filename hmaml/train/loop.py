@@ -40,6 +40,7 @@ from hmaml.data.format import MANIFEST_NAME, split_classes
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
 from hmaml.files import read_json, write_json_atomic
+from hmaml.log import LOGGER, show_bars
 from hmaml.methods import Method
 from hmaml.plots import plot_learning_curve
 from hmaml.precision import resolve_precision
@@ -348,9 +349,10 @@ class Trainer:
         totals = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0,
                   "skipped_steps": 0.0}
         batches: Iterator[TaskBatch] = iter(self.train_data)
-        bar = tqdm(total=len(self.steps), initial=start_step, disable=not self.main
-                   or not self.cfg.train.progress, desc=f"epoch {epoch + 1}/"
-                   f"{self.cfg.train.epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(self.steps), initial=start_step,
+                   disable=not (self.main and show_bars(self.cfg.train.progress)),
+                   desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
+                   dynamic_ncols=True)
         for step, micro_plan in enumerate(self.steps):
             micro = [next(batches) for _ in micro_plan]
             if step < start_step:  # replaying a stopped epoch: the stream is deterministic
@@ -444,11 +446,10 @@ class Trainer:
                 handle.writelines(json.dumps(r) + "\n" for r in self.history)
             self.tracker.log_metrics(metrics, step=epoch + 1)
             self.tracker.set_tags(milestones(self.cfg, epoch))
-            if self.cfg.train.progress:
-                val = f"  val {metrics['val_acc']:.2f}%" if "val_acc" in metrics else ""
-                tqdm.write(f"epoch {epoch + 1:4d}/{self.cfg.train.epochs}  loss "
-                           f"{metrics['train_loss']:.4f}  acc {metrics['train_acc']:.2f}%"
-                           f"{val}  p {metrics['p']:.2f}  lr {metrics['lr']:.2e}")
+            val = f"  val {metrics['val_acc']:.2f}%" if "val_acc" in metrics else ""
+            LOGGER.info(f"epoch {epoch + 1:4d}/{self.cfg.train.epochs}  loss "
+                        f"{metrics['train_loss']:.4f}  acc {metrics['train_acc']:.2f}%"
+                        f"{val}  p {metrics['p']:.2f}  lr {metrics['lr']:.2e}")
 
     def test(self) -> TestReport:
         """Test the best checkpoint (validated, hence what is reported) by the test protocol."""
@@ -534,7 +535,7 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
     with StopFlag(stop_requested) as stop:
         trainer = Trainer(cfg, accelerator, stop)
         if accelerator.is_main_process:
-            tqdm.write(_header(trainer, changes))
+            LOGGER.info(_header(trainer, changes))
         run_tags = {"world_size": accelerator.num_processes, "engine": trainer.plan.engine,
                     "precision": trainer.precision.name,
                     "train_pack.manifest_sha256": _file_sha256(trainer.packs.train /
@@ -589,7 +590,7 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
         tracker.log_artifact(rd.best, "checkpoints")
     tracker.end("FINISHED")
     trainer.progress(Status.FINISHED)
-    tqdm.write("\n".join([
+    print("\n".join([
         *report.lines(),
         f"  best val {trainer.best_val:.2f} % · wall time {summary['wall_s'] / 60:.1f} min · "
         f"run {rd.path} · checkpoint {rd.best} · MLflow run {summary['mlflow_run_id'] or 'off'}"

@@ -29,6 +29,7 @@ from hmaml.data.format import ImageSpec
 from hmaml.data.transforms import build_transform
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
+from hmaml.log import LOGGER, show_bars
 from hmaml.methods.protonet import ProtoNet
 from hmaml.models import build_encoder, load_encoder, save_encoder
 from hmaml.precision import resolve_precision
@@ -126,7 +127,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     if main:
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_config(cfg)
-        tqdm.write(f"hmaml pretrain · {cfg.name}: {cfg.model.encoder} on {len(data)} images of "
+        LOGGER.info(f"hmaml pretrain · {cfg.name}: {cfg.model.encoder} on {len(data)} images of "
                    f"{len(data.info.names)} classes ({cfg.data.train_split}), batch {batch} x "
                    f"{acc.num_processes} process(es), {len(loader)} steps per epoch, encoder "
                    f"precision {precision}\n  run dir: {rd.path}")
@@ -134,7 +135,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     best_acc, best_epoch, history = -math.inf, 0, []
     for epoch in range(cfg.train.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, disable=not (main and cfg.train.progress), leave=False,
+        bar = tqdm(loader, disable=not (main and show_bars(cfg.train.progress)), leave=False,
                    desc=f"pretrain epoch {epoch + 1}")
         for step, (images, labels) in enumerate(bar):
             generator = torch.Generator().manual_seed(derive_seed(
@@ -171,7 +172,7 @@ def pretrain(cfg: Config) -> PretrainResult:
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         if main:
             rd.history.write_text("".join(json.dumps(r) + "\n" for r in history))
-            tqdm.write(f"epoch {epoch + 1:4d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
+            LOGGER.info(f"epoch {epoch + 1:4d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
                        f"acc {row['train_acc']:.2f}"
                        + (f"  val (ProtoNet) {row['val_acc']:.2f} ± {row['val_ci95']:.2f}"
                           if "val_acc" in row else ""))
@@ -179,7 +180,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     if main:
         tracker.log_artifact(rd.encoder)
         tracker.log_artifact(rd.history)
-        tqdm.write(f"  best val (ProtoNet) {best_acc:.2f} % at epoch {best_epoch} · wall time "
+        print(f"  best val (ProtoNet) {best_acc:.2f} % at epoch {best_epoch} · wall time "
                    f"{wall / 60:.1f} min · encoder {rd.encoder} (model.init_from={rd.encoder})")
     tracker.end("FINISHED")
     acc.wait_for_everyone()
