@@ -22,6 +22,8 @@ from hmaml.errors import HmamlError
 
 #: ``train.mixed_precision``: auto picks bf16 where the hardware runs it fast (hmaml.precision).
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+#: ``train.device``: auto takes CUDA, else Apple's MPS, else the CPU (hmaml.train.plan).
+DEVICES = ("auto", "cuda", "mps", "cpu")
 
 ADAPT = ("head", "all")
 NONFINITE = ("stop", "skip")
@@ -102,6 +104,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     mixed_precision: str = "auto"  # the encoder's precision: auto (bf16 where fast), no, bf16, fp16
     compile: bool = False  # torch.compile the method (for GPUs; not with method.adapt=all)
+    device: str = "auto"  # auto (cuda, else mps, else cpu), cuda, mps or cpu
     max_grad_norm: float | None = None
     progress: bool = True
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop with an error, or skip the step
@@ -456,6 +459,7 @@ def _check(cfg: Config, source_of: Any) -> None:
         fail("train.lr_gamma", "must be in (0, 1]")
     at_least("train.weight_decay", t.weight_decay, 0)
     one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    one_of("train.device", t.device, DEVICES)
     if t.compile and m.name == "maml" and m.adapt == "all":
         fail("train.compile", "cannot run with method.adapt=all: MAML's inner steps "
              "differentiate through the encoder, which compiled graphs do not support (double "

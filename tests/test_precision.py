@@ -8,6 +8,8 @@ fp32 on the same weights and tasks, within the tolerances the GPU check states
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from hmaml.bench_gpu import (
     numerics_cases,
     signed_tasks,
 )
+from hmaml.errors import HmamlError
 from hmaml.methods import MAML, HyperMAML, ProtoNet
 from hmaml.models import build_encoder
 from hmaml.precision import cpu_bf16_flags, resolve_precision
@@ -104,3 +107,34 @@ def test_the_encoder_runs_in_its_precision() -> None:
     assert bf16.dtype == torch.float32  # upcast for the head
     assert not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+
+
+def test_train_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch) -> None:
+    from hmaml.train.plan import pick_device
+
+    def seen(cuda: bool, mps: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+    seen(True, True)
+    assert pick_device("auto") == "cuda" and pick_device("mps") == "mps"
+    seen(False, True)
+    assert pick_device("auto") == "mps" and pick_device("cpu") == "cpu"
+    seen(False, False)
+    assert pick_device("auto") == "cpu"
+    for name in ("cuda", "mps"):
+        with pytest.raises(HmamlError, match=rf"train.device={name}: torch sees no "
+                                             rf"{name.upper()} device here"):
+            pick_device(name)
+
+
+def test_a_missing_device_is_one_line_not_a_cpu_run(tmp_path) -> None:
+    """Asked for CUDA where there is none, training stops before it starts, naming the key."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, "-m", "hmaml.cli", "train", "--config", "quickstart",
+                           "train.device=cuda", f"run_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: train.device=cuda: torch sees no CUDA")

@@ -53,7 +53,14 @@ from hmaml.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from hmaml.train.plan import Plan, check_engine, deepspeed_requested, is_rank0, make_plan
+from hmaml.train.plan import (
+    Plan,
+    check_engine,
+    deepspeed_requested,
+    is_rank0,
+    make_plan,
+    pick_device,
+)
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult
 from hmaml.train.tracking import make_tracker
@@ -74,7 +81,8 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator, DistributedType
     from accelerate.utils import InitProcessGroupKwargs
 
-    on_cpu = not torch.cuda.is_available()
+    device = pick_device(cfg.train.device)
+    on_cpu = device == "cpu"
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = deepspeed_requested()
     if deepspeed:
@@ -89,6 +97,9 @@ def make_accelerator(cfg: Config):
         raise HmamlError(f"launched as {expected} processes (WORLD_SIZE) but Accelerate formed "
                          f"a group of {accelerator.num_processes}: on CPU use "
                          "configs/accelerate/cpu2.yaml or torchrun")
+    if accelerator.device.type != device:
+        raise HmamlError(f"train.device={cfg.train.device} means {device}, but Accelerate "
+                         f"chose {accelerator.device}")
     if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise HmamlError(f"DeepSpeed was asked for but Accelerate set up "
                          f"{accelerator.distributed_type}; is the deepspeed extra installed?")

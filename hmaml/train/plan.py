@@ -161,6 +161,21 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def pick_device(name: str) -> str:
+    """``train.device``: ``auto`` is CUDA where torch sees a GPU, else Apple's MPS, else the
+    CPU; a device asked for by name must be there (no silent fallback to the CPU)."""
+    import torch
+
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    if name == "auto":
+        return next(device for device in ("cuda", "mps", "cpu") if available[device])
+    if not available.get(name, False):
+        raise HmamlError(f"train.device={name}: torch sees no {name.upper()} device here "
+                         f"(torch {torch.__version__}); use train.device=auto or cpu")
+    return name
+
+
 def check_engine(engine: str, precision: str, on_cpu: bool) -> None:
     """Refuse an engine/precision/device combination that cannot work, in one line."""
     if engine.startswith("DeepSpeed") and on_cpu and precision == "fp16":

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from hmaml.config import FINGERPRINT_KEYS, Config, config_from_yaml, fingerprint
 from hmaml.errors import HmamlError
@@ -26,6 +25,7 @@ from hmaml.methods import Method
 from hmaml.precision import resolve_precision
 from hmaml.train.build import Packs, build_model, episodes_of, eval_tasks_per_batch, open_packs
 from hmaml.train.checkpoint import restore_best
+from hmaml.train.plan import pick_device
 from hmaml.train.rundir import RunDir
 
 
@@ -137,7 +137,7 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
         raise HmamlError(f"{rd.path}: no {rd.best.name} yet (the run has not validated an "
                          "epoch)")
     packs = open_packs(cfg, train=False)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=pick_device(cfg.train.device) == "cpu")
     method = build_model(cfg, packs,
                          resolve_precision(cfg.train.mixed_precision, accelerator.device),
                          accelerator.device)
