@@ -129,6 +129,7 @@ class TrackingConfig:
     experiment: str | None = None  # None: the config name
     log_checkpoint: bool = True
     run_name: str | None = None
+    system_metrics: bool = True  # CPU / memory (and GPU with nvidia-ml-py) every 10 s, as system/*
 
 
 @dataclass

@@ -150,3 +150,31 @@ def test_learning_curve_phases_lr_drops_and_png(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     with pytest.raises(ValueError, match="empty"):
         plot_learning_curve([], tmp_path / "empty.png")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_system_metrics_are_sampled_while_the_run_is_open(store: Path, tmp_path: Path,
+                                                          monkeypatch, enabled: bool) -> None:
+    """tracking.system_metrics: MLflow's sampler logs CPU and memory as system/* metrics while
+    the run is open (sampling every 0.2 s here instead of 10 s), and stops with the run."""
+    from mlflow import MlflowClient
+
+    import hmaml.train.tracking as tracking
+
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_EVERY_S", 0.2)
+    uri = f"sqlite:///{store}"
+    cfg = load_config("quickstart", [f"tracking.uri={uri}",
+                                     f"tracking.system_metrics={str(enabled).lower()}"])
+    tracker = Tracker()
+    with no_tracking_warning():
+        run_id = tracker.start(cfg, tmp_path / "run")
+        time.sleep(1.5)
+        tracker.end("FINISHED")
+    assert tracker._monitor is None  # the sampler stopped with the run
+    keys = set(MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics)
+    system = {k for k in keys if k.startswith("system/")}
+    if enabled:
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} \
+            <= system
+    else:
+        assert not system

@@ -40,6 +40,8 @@ _METRICS_PER_BATCH = 1000
 # user's own setting of these variables wins.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _PROBE_TIMEOUT_S = 5.0
+#: Seconds between samples of MLflow's system metrics (one background thread, psutil).
+SYSTEM_METRICS_EVERY_S = 10.0
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -86,6 +88,7 @@ class Tracker:
         self.run_id: str | None = None
         self.uri: str | None = None
         self._client: Any = None
+        self._monitor: Any = None
         self._warned = False
 
     @property
@@ -104,9 +107,11 @@ class Tracker:
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         try:
-            self._open(cfg, Path(run_dir), dict(tags or {}), parent_run_id)
+            resumed = self._open(cfg, Path(run_dir), dict(tags or {}), parent_run_id)
         except Exception as exc:
             self._disable(exc)
+        if self.active and cfg.tracking.system_metrics:
+            self._start_system_metrics(resumed)
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -141,14 +146,32 @@ class Tracker:
         """Close the run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        if self._monitor is not None:
+            self._guarded(self._monitor.finish)
+            self._monitor = None
         if self.active:
             self._guarded(self._client.set_terminated, self.run_id, status)
         self._client = None
 
     # --- internals -----------------------------------------------------------------------
 
+    def _start_system_metrics(self, resumed: bool) -> None:
+        """MLflow's own sampler of CPU, memory, disk, network (and GPU where nvidia-ml-py is
+        installed), logged as ``system/*`` metrics; a failure costs one warning, not the run."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_EVERY_S,
+                                           resume_logging=resumed, tracking_uri=self.uri)
+            monitor.start()
+            self._monitor = monitor
+        except Exception as exc:  # psutil missing, a store that refuses: tracking goes on
+            warnings.warn(f"MLflow system metrics are off ({type(exc).__name__}: {exc})",
+                          RuntimeWarning, stacklevel=3)
+
     def _open(self, cfg: Config, run_dir: Path, tags: dict[str, Any],
-              parent_run_id: str | None) -> None:
+              parent_run_id: str | None) -> bool:
+        """Open or reopen the run; True when it was reopened (a resumed run)."""
         uri = self.uri
         assert uri is not None
         client, sqlite_db = _client(uri)
@@ -156,6 +179,7 @@ class Tracker:
         id_file = RunDir(run_dir).mlflow_run_id
         params = flatten(cfg)
         run = _existing_run(client, id_file)
+        resumed = run is not None
         if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
             old = run.data.params
@@ -181,6 +205,7 @@ class Tracker:
 
         self._log_batches(params=[Param(k, _cut_param(v)) for k, v in params.items()])
         self.set_tags(tags)
+        return resumed
 
     def _log_batches(self, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
                      tags: Sequence[Any] = ()) -> None:
