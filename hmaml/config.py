@@ -130,6 +130,8 @@ class TrackingConfig:
     log_checkpoint: bool = True
     run_name: str | None = None
     system_metrics: bool = True  # CPU / memory (and GPU with nvidia-ml-py) every 10 s, as system/*
+    ui_url: str | None = None  # where the store's UI is served (None: an http store itself, else
+    #                            mlflow ui's http://127.0.0.1:5000); used in the links printed
 
 
 @dataclass

@@ -85,9 +85,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _mlflow_server(store: Path, artifacts: Path, log: Path) -> Iterator[str]:
+def _mlflow_server(store: Path, artifacts: Path, log: Path, port: int | None = None
+                   ) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 over ``store``, ready (its /health answers) on entry."""
-    port = _free_port()
+    port = port or _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
@@ -151,3 +152,40 @@ def test_sweep_runs_nest_under_their_parent_in_the_ui(tmp_path: Path) -> None:
     assert f"Parent run\n{PARENT}" in text
     assert f"train.lr\n{lr}" in text and f"val/acc\n{acc}" in text
     assert f"tracking.run_name\n{OPEN_CHILD}" in text
+
+
+def test_the_printed_link_opens_on_the_runs_table(tmp_path: Path, capsys) -> None:
+    """The end-of-run line's MLflow link, opened exactly as printed, shows the runs table with
+    the run (not MLflow 3's empty GenAI overview)."""
+    from hmaml.data.glyphs import pack_glyphs
+    from hmaml.train.loop import train
+    from tests.train_fixtures import tiny_config
+
+    store = tmp_path / "mlruns.db"
+    pack = tmp_path / "glyphs"
+    pack_glyphs(pack, classes=(20, 10, 10), per_class=20, progress=False)
+    port = _free_port()
+    cfg = tiny_config(pack, tmp_path / "run", **{
+        "tracking.enabled": True, "tracking.uri": f"sqlite:///{store}",
+        "tracking.ui_url": f"http://127.0.0.1:{port}", "tracking.system_metrics": False})
+    train(cfg)
+    printed = capsys.readouterr().out
+    [link] = re.findall(r"MLflow: (\S+)", printed)
+    assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/")
+    assert "?workflowType=machine_learning" in link
+    assert f"mlflow ui --backend-store-uri sqlite:///{store}" in printed
+    shot = tmp_path / "first_view.png"
+    with _mlflow_server(store, tmp_path / "artifacts", tmp_path / "server.log", port) as url:
+        assert link.startswith(url)
+        options = {"url": link, "run": "quickstart", "screenshot": str(shot),
+                   "user_data": str(tmp_path / "chromium-profile"),
+                   "chromium": shutil.which("chromium")}
+        done = subprocess.run(["node", str(UI_DIR / "first_view.js"), json.dumps(options)],
+                              cwd=UI_DIR, capture_output=True, text=True, timeout=90,
+                              check=False)
+    assert done.returncode == 0, f"browser driver failed:\n{done.stderr[-3000:]}"
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["runs"] == ["quickstart"]
+    # the runs table in model-training mode, not MLflow 3's empty GenAI overview
+    assert "Run Name" in seen["headers"] and "No data available" not in seen["text"]
+    assert "Model training" in seen["text"] and "1 matching run" in seen["text"]

@@ -178,3 +178,16 @@ def test_system_metrics_are_sampled_while_the_run_is_open(store: Path, tmp_path:
             <= system
     else:
         assert not system
+
+
+def test_ui_links_land_on_the_runs_table_of_the_store_that_holds_them() -> None:
+    from hmaml.train.tracking import serve_hint, ui_link
+
+    local = ui_link("sqlite:///runs/mlruns.db", "7")
+    assert local == "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    assert serve_hint("sqlite:///runs/mlruns.db") == (
+        "mlflow ui --backend-store-uri sqlite:///runs/mlruns.db")
+    server = ui_link("https://mlflow.lab:8443/", "3")
+    assert server == "https://mlflow.lab:8443/#/experiments/3?workflowType=machine_learning"
+    assert serve_hint("https://mlflow.lab:8443/") == ""
+    assert ui_link("sqlite:///x.db", "1", "http://gpu7:5050").startswith("http://gpu7:5050/#/")

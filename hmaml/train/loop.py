@@ -63,7 +63,7 @@ from hmaml.train.plan import (
 )
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult
-from hmaml.train.tracking import make_tracker
+from hmaml.train.tracking import make_tracker, serve_hint
 
 
 class NonFiniteError(HmamlError):
@@ -604,8 +604,17 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
     print("\n".join([
         *report.lines(),
         f"  best val {trainer.best_val:.2f} % · wall time {summary['wall_s'] / 60:.1f} min · "
-        f"run {rd.path} · checkpoint {rd.best} · MLflow run {summary['mlflow_run_id'] or 'off'}"
-        f"{' in ' + str(tracker.uri) if getattr(tracker, 'uri', None) else ''}"]))
+        f"run {rd.path} · checkpoint {rd.best} · MLflow run {summary['mlflow_run_id'] or 'off'}",
+        *mlflow_lines(tracker)]))
+
+
+def mlflow_lines(tracker: Any) -> list[str]:
+    """Where to look at the run in the MLflow UI (nothing when tracking is off)."""
+    link = getattr(tracker, "link", None)
+    if not link:
+        return []
+    hint = serve_hint(tracker.uri)
+    return [f"  MLflow: {link}" + (f"  (serve it with: {hint})" if hint else "")]
 
 
 __all__ = ["NonFiniteError", "Trainer", "make_accelerator", "optimizer_step", "train"]

@@ -40,6 +40,8 @@ _METRICS_PER_BATCH = 1000
 # user's own setting of these variables wins.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _PROBE_TIMEOUT_S = 5.0
+#: Where ``mlflow ui`` serves a local store by default.
+DEFAULT_UI = "http://127.0.0.1:5000"
 #: Seconds between samples of MLflow's system metrics (one background thread, psutil).
 SYSTEM_METRICS_EVERY_S = 10.0
 
@@ -48,6 +50,35 @@ def tracking_uri(cfg: Config) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db``."""
     return (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{Path.cwd() / 'mlruns.db'}")
+
+
+def ui_link(uri: str, experiment_id: str, ui_url: str | None = None) -> str:
+    """The MLflow UI page listing an experiment's runs, in model-training mode.
+
+    MLflow 3 opens an experiment on an empty GenAI overview ("No data available") unless the URL
+    asks for ``workflowType=machine_learning``, which lands on the runs table. The UI is the
+    server itself for an http(s) store, else where ``mlflow ui`` serves it (``ui_url``).
+    """
+    base = ui_url or (uri if urlparse(uri).scheme in ("http", "https") else DEFAULT_UI)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def serve_hint(uri: str) -> str:
+    """How to serve a local store's UI (empty for a server, which serves itself)."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return ""
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def run_ui_link(uri: str, run_id: str, ui_url: str | None = None) -> str | None:
+    """:func:`ui_link` of the experiment that holds ``run_id`` (None if the store cannot say)."""
+    try:
+        from mlflow import MlflowClient
+
+        experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    except Exception:  # an unreachable store: no link, the summary is printed all the same
+        return None
+    return ui_link(uri, experiment_id, ui_url)
 
 
 def make_tracker(cfg: Config, is_main_process: bool) -> Tracker | NullTracker:
@@ -87,6 +118,7 @@ class Tracker:
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.uri: str | None = None
+        self.link: str | None = None  # the UI page of the run's experiment (ui_link)
         self._client: Any = None
         self._monitor: Any = None
         self._warned = False
@@ -112,6 +144,8 @@ class Tracker:
             self._disable(exc)
         if self.active and cfg.tracking.system_metrics:
             self._start_system_metrics(resumed)
+        if self.active:
+            self.link = ui_link(self.uri, self._experiment, cfg.tracking.ui_url)
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -201,6 +235,7 @@ class Tracker:
                                     run_name=cfg.tracking.run_name or cfg.name)
             write_text_atomic(id_file, run.info.run_id + "\n")
         self._client, self.run_id = client, run.info.run_id
+        self._experiment = run.info.experiment_id
         from mlflow.entities import Param
 
         self._log_batches(params=[Param(k, _cut_param(v)) for k, v in params.items()])
@@ -265,7 +300,6 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def _experiment_id(client: Any, name: str, sqlite_db: Path | None) -> str:
-    """The experiment's id, creating it (artifacts beside a SQLite store, not in the cwd)."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
