@@ -13,30 +13,11 @@
 // of the child run's page.
 'use strict';
 
-const { chromium } = require('playwright-core');
+const { open, runNames, run } = require('./browser');
 
-const TIMEOUT_MS = 30000;
-
-async function runNames(page) {
-  const cells = page.locator('[role=row] [col-id="attributes.`Run Name`"]');
-  const texts = await cells.allInnerTexts();
-  // A cell reads "#colour\nname"; the header row's cell reads "Run Name".
-  return texts.map((t) => t.split('\n').pop().trim()).filter((t) => t && t !== 'Run Name');
-}
-
-async function main() {
-  const opts = JSON.parse(process.argv[2]);
-  const context = await chromium.launchPersistentContext(opts.user_data, {
-    executablePath: opts.chromium,
-    headless: true,
-    viewport: { width: 1600, height: 800 },
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+async function drive(opts) {
+  const { context, page } = await open(opts);
   try {
-    const page = context.pages()[0] || (await context.newPage());
-    page.setDefaultTimeout(TIMEOUT_MS);
-    await page.goto(opts.url, { waitUntil: 'load' });
     const parentRow = page.locator('[role=row]', { hasText: opts.parent }).first();
     await parentRow.waitFor();
     // The assistant side panel opens by default and hides the right half of the table.
@@ -58,13 +39,10 @@ async function main() {
     await page.getByText('Parameters (', { exact: false }).first().waitFor();
     const childText = await page.evaluate(() => document.body.innerText);
     await page.screenshot({ path: opts.child_shot });
-    process.stdout.write(`${JSON.stringify({ before, after, child_text: childText })}\n`);
+    return { before, after, child_text: childText };
   } finally {
     await context.close();
   }
 }
 
-main().catch((err) => {
-  process.stderr.write(`${err.stack || err}\n`);
-  process.exit(1);
-});
+run(drive);
