@@ -1,6 +1,7 @@
-"""Figures a person would rather look at than read: a run's learning curve and the accuracy vs
-time of MAML's inner steps beside HyperMAML (the paper's Tables 4 and 8). matplotlib is imported
-inside each function (Agg canvas, no display), so importing this module stays light.
+"""Figures a person would rather look at than read: a run's learning curve, a sweep's test
+accuracies, and the accuracy vs time of MAML's inner steps beside HyperMAML (the paper's Tables 4
+and 8). matplotlib is imported inside each function (Agg canvas, no display), so importing this
+module stays light.
 """
 
 from __future__ import annotations
@@ -121,6 +122,33 @@ def plot_steps(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: st
         ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_bars(labels: Sequence[str], accuracies: Sequence[float | None],
+              ci95: Sequence[float | None], out_png: str | Path, title: str) -> Path:
+    """One bar per label (a sweep's axis points): test accuracy with its 95 % CI as error bars;
+    a point without a result yet is an empty bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    heights = [a or 0.0 for a in accuracies]
+    errors = [e or 0.0 for e in ci95]
+    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 2), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(labels)), heights, yerr=errors, capsize=4, color="tab:blue")
+    tilt = len(labels) > 3
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if tilt else 0,
+                  ha="right" if tilt else "center", fontsize="small")
+    ax.set_ylabel("test accuracy (%)")
+    finite = [h - e for h, e in zip(heights, errors, strict=True) if h]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(heights) + max(errors) + 5))
+    ax.set_title(title)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -13,6 +13,7 @@ from typing import Any
 from hmaml.config import override_text
 from hmaml.errors import HmamlError
 from hmaml.files import read_json
+from hmaml.plots import plot_bars
 from hmaml.sweep.spec import _name_value
 from hmaml.train.rundir import RunDir
 
@@ -198,24 +199,7 @@ def _markdown(table: list[list[str]]) -> str:
 
 def _plot(axis_keys: list[str], rows: list[dict[str, Any]], out: Path, title: str) -> None:
     """Test accuracy per axis point with its 95 % CI as error bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     labels = [", ".join(_name_value(r[k]) if k == "variant" else f"{k.rsplit('.', 1)[-1]}="
                         f"{_name_value(r[k])}" for k in axis_keys) or "all" for r in rows]
-    heights = [r["test_acc"] or 0.0 for r in rows]
-    errors = [r["ci95"] or 0.0 for r in rows]
-    fig = Figure(figsize=(max(4.0, 0.9 * len(rows) + 2), 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.bar(range(len(rows)), heights, yerr=errors, capsize=4, color="tab:blue")
-    ax.set_xticks(range(len(rows)), labels, rotation=30 if len(rows) > 3 else 0, ha="right"
-                  if len(rows) > 3 else "center", fontsize="small")
-    ax.set_ylabel("test accuracy (%)")
-    finite = [h - e for h, e in zip(heights, errors, strict=True) if h]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(heights) + max(errors) + 5))
-    ax.set_title(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    plot_bars(labels, [r["test_acc"] for r in rows], [r["ci95"] for r in rows], out, title)
 
