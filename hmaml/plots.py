@@ -7,8 +7,11 @@ module stays light.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def phase_spans(history: Sequence[Mapping[str, Any]]) -> list[tuple[float, float, str]]:
@@ -153,3 +156,76 @@ def plot_bars(labels: Sequence[str], accuracies: Sequence[float | None],
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+@dataclass
+class ToyPanel:
+    """One task type of the 2-D toy for one method: decision regions on the grid (0 / 1), the
+    background points of all clusters, the task's query points and labels, and the universal and
+    adapted boundaries as ``((normal_x, normal_y), offset)``."""
+
+    regions: np.ndarray
+    cloud: np.ndarray
+    points: np.ndarray
+    labels: np.ndarray
+    universal: tuple[tuple[float, float], float]
+    adapted: tuple[tuple[float, float], float]
+
+
+def plot_toy(rows: Sequence[tuple[str, Sequence[ToyPanel]]], titles: Sequence[str],
+             grid_x: np.ndarray, grid_y: np.ndarray, limits: tuple[float, float],
+             centre: Sequence[float], out_png: str | Path) -> Path:
+    """The paper's 2-D toy: rows = methods (``(label, panels)``), columns = task types; each panel
+    shades the adapted decision regions and draws the universal (blue) and adapted (red)
+    boundaries with an arrow from the point nearest ``centre`` towards class 0."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lo, hi = limits
+    fig = Figure(figsize=(13, 3.3 * len(rows)), layout="tight")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), len(titles), squeeze=False)
+    for r, (label, panels) in enumerate(rows):
+        for c, panel in enumerate(panels):
+            ax = axes[r][c]
+            ax.contourf(grid_x, grid_y, panel.regions, levels=[-0.5, 0.5, 1.5],
+                        colors=["#fde0c5", "#c9e3f5"], alpha=0.9)
+            ax.scatter(panel.cloud[:, 0], panel.cloud[:, 1], s=3, c="#bbbbbb")
+            ax.scatter(panel.points[:, 0], panel.points[:, 1], s=6, c=panel.labels,
+                       cmap="coolwarm", vmin=0, vmax=1)
+            for (normal, offset), colour, name in ((panel.universal, "tab:blue", "universal"),
+                                                   (panel.adapted, "tab:red", "adapted")):
+                _draw_boundary(ax, normal, offset, colour, name, limits, centre)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=10)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=11)
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.suptitle("Decision regions after adaptation; blue: universal boundary, red: adapted")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def _draw_boundary(ax: Any, normal: tuple[float, float], offset: float, colour: str, label: str,
+                   limits: tuple[float, float], centre: Sequence[float]) -> None:
+    """Draw the line normal . x + offset = 0 and an arrow along the normal (towards class 0)
+    from the line's point nearest ``centre``, when that point lies inside ``limits``."""
+    nx, ny = normal
+    norm2 = nx * nx + ny * ny
+    if norm2 < 1e-12:
+        return
+    foot = np.array([-offset * nx / norm2, -offset * ny / norm2])
+    direction = np.array([-ny, nx]) / norm2**0.5
+    ends = np.stack([foot - 10 * direction, foot + 10 * direction])
+    ax.plot(ends[:, 0], ends[:, 1], color=colour, lw=2, label=label)
+    point = foot + direction * float((np.asarray(centre) - foot) @ direction)
+    if all(limits[0] < float(c) < limits[1] for c in point):
+        scale = 0.6 / norm2**0.5
+        ax.annotate("", xy=(point[0] + nx * scale, point[1] + ny * scale), xytext=tuple(point),
+                    arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.5})

@@ -20,6 +20,7 @@ from torch import Tensor
 from hmaml.methods import MAML, HyperMAML, Method
 from hmaml.methods.functional import linear_logits, one_hot, sgd_head_steps
 from hmaml.models import build_encoder
+from hmaml.plots import ToyPanel, plot_toy
 from hmaml.tasks import TaskBatch
 
 CENTRE = torch.tensor([3.0, 3.0])
@@ -108,68 +109,36 @@ def adapted_classifiers(method: Method, batch: TaskBatch) -> tuple[Tensor, Tenso
 
 
 def plot(runs: list[ToyRun], out: str, seed: int = 0) -> None:
-    """Rows = methods, columns = task types: decision regions, universal and adapted boundary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Rows = methods, columns = task types: decision regions, universal and adapted boundary
+    (drawn by :func:`hmaml.plots.plot_toy` from the panels computed here)."""
     gen = torch.Generator().manual_seed(seed)
     batch = sample_tasks(torch.arange(4), 5, 40, gen)
     lo, hi = 0.5, 5.5
-    grid = torch.stack(torch.meshgrid(torch.linspace(lo, hi, 200), torch.linspace(lo, hi, 200),
-                                      indexing="xy"), -1).reshape(-1, 2)
-    fig, axes = plt.subplots(len(runs), 4, figsize=(13, 3.3 * len(runs)), squeeze=False)
-    for row, run in enumerate(runs):
+    axis = torch.linspace(lo, hi, 200)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    rows = []
+    for run in runs:
         with torch.no_grad():
             w0, b0, w, b = adapted_classifiers(run.method, batch)
             regions = linear_logits(grid.expand(4, -1, -1), w, b).argmax(-1)
+        panels = []
         for col in range(4):
-            ax = axes[row][col]
-            ax.contourf(grid[:, 0].view(200, 200), grid[:, 1].view(200, 200),
-                        regions[col].view(200, 200).float(), levels=[-0.5, 0.5, 1.5],
-                        colors=["#fde0c5", "#c9e3f5"], alpha=0.9)
-            for cluster in range(4):
-                pts = sample_points(cluster, 60, gen)
-                ax.scatter(pts[:, 0], pts[:, 1], s=3, c="#bbbbbb")
-            points = batch.query_x[col, :, :, 0, 0]
-            ax.scatter(points[:, 0], points[:, 1], s=6, c=batch.query_y[col], cmap="coolwarm",
-                       vmin=0, vmax=1)
-            for (ww, bb), colour, label in (((w0[col], b0[col]), "tab:blue", "universal"),
-                                            ((w[col], b[col]), "tab:red", "adapted")):
-                _draw_boundary(ax, ww[0] - ww[1], float(bb[0] - bb[1]), colour, label, (lo, hi))
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(lo, hi)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(TYPE_NAMES[col], fontsize=10)
-            if col == 0:
-                ax.set_ylabel(f"{run.name}\nacc {run.accuracy:.3f}", fontsize=11)
-    axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Decision regions after adaptation; blue: universal boundary, red: adapted")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+            cloud = torch.cat([sample_points(cluster, 60, gen) for cluster in range(4)])
+            panels.append(ToyPanel(
+                regions=regions[col].view(200, 200).float().numpy(),
+                cloud=cloud.numpy(), points=batch.query_x[col, :, :, 0, 0].numpy(),
+                labels=batch.query_y[col].numpy(),
+                universal=_boundary(w0[col], b0[col]), adapted=_boundary(w[col], b[col])))
+        rows.append((f"{run.name}\nacc {run.accuracy:.3f}", panels))
+    plot_toy(rows, TYPE_NAMES, grid[:, 0].view(200, 200).numpy(),
+             grid[:, 1].view(200, 200).numpy(), (lo, hi), CENTRE.tolist(), out)
 
 
-def _draw_boundary(ax, normal: Tensor, offset: float, colour: str, label: str,
-                   limits: tuple[float, float]) -> None:
-    """Draw the line normal . x + offset = 0 and an arrow along the normal from its centre."""
-    nx, ny = float(normal[0]), float(normal[1])
-    norm2 = nx * nx + ny * ny
-    if norm2 < 1e-12:
-        return
-    foot = torch.tensor([-offset * nx / norm2, -offset * ny / norm2])
-    direction = torch.tensor([-ny, nx]) / norm2**0.5
-    ends = torch.stack([foot - 10 * direction, foot + 10 * direction])
-    ax.plot(ends[:, 0], ends[:, 1], color=colour, lw=2, label=label)
-    centre = foot + direction * float((CENTRE - foot) @ direction)
-    if all(limits[0] < float(c) < limits[1] for c in centre):  # the arrow points to class 0
-        scale = 0.6 / norm2**0.5
-        ax.annotate("", xy=(centre[0] + nx * scale, centre[1] + ny * scale),
-                    xytext=tuple(centre),
-                    arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.5})
+def _boundary(w: Tensor, b: Tensor) -> tuple[tuple[float, float], float]:
+    """The two-class boundary (normal, offset): normal . x + offset = 0, class 0 on the positive
+    side."""
+    normal = w[0] - w[1]
+    return (float(normal[0]), float(normal[1])), float(b[0] - b[1])
 
 
 def run_toy(out: str, steps: int = 1500, seed: int = 0) -> dict[str, float]:
