@@ -37,6 +37,7 @@ PAPER_STEPS: dict[str, dict[int | None, tuple[float, float]]] = {
                       4: (15.17, 48.82), 5: (17.29, 48.89), 6: (19.01, 48.80),
                       7: (20.55, 48.87), None: (11.11, 53.41)},
 }
+#: MAML's inner steps in Table 4, the default of ``launch/tables.py steps``.
 STEPS = (0, 1, 2, 3, 4, 5, 10, 25, 50, 100)
 
 
@@ -106,11 +107,11 @@ def steps_table(maml_run: str | Path, hypermaml_run: str | Path, *, steps: Seque
         overrides = [] if k is None else [f"method.inner_steps={k}"]
         summary = evaluate_run(run, episodes, repeats, overrides, warmup=True, write=False)
         seconds = _mean_std(summary["test_seconds"])
-        accs = [r["acc"] for r in summary["test_repeats"]]
         rows.append({"model": model, "steps": k, "seconds": seconds[0],
-                     "seconds_std": seconds[1], "acc": float(np.mean(accs)),
-                     "acc_std": float(np.std(accs)), "ci95": summary["test_ci"],
-                     "episodes": summary["test_episodes"], "repeats": len(accs),
+                     "seconds_std": seconds[1], "acc": summary["test_acc"],
+                     "acc_std": summary["test_std"], "ci95": summary["test_ci"],
+                     "episodes": summary["test_episodes"],
+                     "repeats": len(summary["test_repeats"]),
                      "paper_seconds": paper.get(k, (None, None))[0],
                      "paper_acc": paper.get(k, (None, None))[1]})
     out = Path(out_dir)

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from hmaml.errors import HmamlError, one_line_errors
+from hmaml.tables import STEPS
 
 
 def _steps(text: str) -> list[int]:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--episodes", type=int, help="test tasks per repeat")
         sub.add_argument("--repeats", type=int, help="independent lists of test tasks")
         if name == "steps":
-            sub.add_argument("--steps", type=_steps, default="0,1,2,3,4,5,10,25,50,100",
+            sub.add_argument("--steps", type=_steps, default=",".join(map(str, STEPS)),
                              help="MAML inner steps to test (default: %(default)s)")
             sub.add_argument("--out", help="folder for steps.json and steps.png "
                                            "(default: <maml run>/steps)")

@@ -8,7 +8,6 @@ rather than whatever the layer constructors happen to draw.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from hmaml.errors import HmamlError
+from hmaml.files import write_atomic
 from hmaml.models.norm import TaskBatchNorm2d, TaskConv2d
 
 ENCODER_FORMAT = "hmaml-encoder-1"
@@ -48,13 +48,11 @@ def init_encoder(encoder: nn.Module, scheme: str) -> None:
 def save_encoder(path: str | Path, encoder: nn.Module, name: str, in_channels: int,
                  image_size: int, info: dict[str, Any] | None = None) -> None:
     """Write ``encoder``'s weights with what they fit (its name, input channels and size), so
-    that :func:`load_encoder` can refuse them for another encoder; atomic (temp + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    that :func:`load_encoder` can refuse them for another encoder; atomic and durable."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    torch.save({"format": ENCODER_FORMAT, "encoder": name, "in_channels": in_channels,
-                "image_size": image_size, "state_dict": state, "info": info or {}}, tmp)
-    os.replace(tmp, path)
+    payload = {"format": ENCODER_FORMAT, "encoder": name, "in_channels": in_channels,
+               "image_size": image_size, "state_dict": state, "info": info or {}}
+    write_atomic(path, lambda handle: torch.save(payload, handle), durable=True)
 
 
 def load_encoder(encoder: nn.Module, path: str | Path, name: str, in_channels: int,
@@ -90,7 +88,5 @@ def load_encoder(encoder: nn.Module, path: str | Path, name: str, in_channels: i
         raise HmamlError(f"{key}: shapes differ from the config's encoder (file vs config): "
                          + "; ".join(wrong[:3]) + (f" and {len(wrong) - 3} more"
                                                    if len(wrong) > 3 else ""))
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(theirs[k])
+    encoder.load_state_dict(theirs)  # the checks above leave nothing for it to refuse
     return dict(saved.get("info", {}))

@@ -176,14 +176,13 @@ def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dic
     _plot(axis_keys, rows, sweep_dir / "summary.png", info["name"])
     paths = [sweep_dir / name for name in SUMMARY_FILES]
     if info.get("parent_run_id"):
-        from hmaml.train.tracking import close_sweep_run, run_ui_link, serve_hint
+        from hmaml.train.tracking import close_sweep_run, run_ui_link, ui_line
 
         close_sweep_run(info["tracking_uri"], info["parent_run_id"], paths,
                         finished=done == len(states))
         link = run_ui_link(info["tracking_uri"], info["parent_run_id"])
         if link:
-            hint = serve_hint(info["tracking_uri"])
-            echo(f"MLflow: {link}" + (f"  (serve it with: {hint})" if hint else ""))
+            echo(ui_line(info["tracking_uri"], link))
     return {"rows": rows, "finished": done, "trials": len(states), "files": paths}
 
 

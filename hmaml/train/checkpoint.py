@@ -9,8 +9,6 @@ guards against resuming with a model or optimizer of another shape.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 from collections import Counter, OrderedDict
 from importlib import metadata
@@ -22,6 +20,7 @@ import torch
 
 from hmaml.config import fingerprint_diff
 from hmaml.errors import HmamlError
+from hmaml.files import write_atomic
 
 FORMAT = 1
 
@@ -57,20 +56,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         raise ValueError(f"checkpoint state lacks {', '.join(missing)}")
     _check_plain(state, "state")
     payload = {**state, "format": FORMAT, "hmaml_version": hmaml_version()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_atomic(path, lambda handle: torch.save(payload, handle), durable=True)
 
 
 def load_checkpoint(path: str | Path, expected_fingerprint: str | None) -> dict[str, Any]:
@@ -140,20 +126,6 @@ def _check_plain(value: Any, where: str) -> None:
     elif not isinstance(value, _PLAIN):
         raise TypeError(f"checkpoint {where}: {type(value).__name__} cannot be loaded with "
                         f"weights_only=True; store tensors or plain values")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, Any], path: str | Path

@@ -63,7 +63,7 @@ from hmaml.train.plan import (
 )
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult
-from hmaml.train.tracking import make_tracker, serve_hint
+from hmaml.train.tracking import make_tracker, ui_line
 
 
 class NonFiniteError(HmamlError):
@@ -611,10 +611,7 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
 def mlflow_lines(tracker: Any) -> list[str]:
     """Where to look at the run in the MLflow UI (nothing when tracking is off)."""
     link = getattr(tracker, "link", None)
-    if not link:
-        return []
-    hint = serve_hint(tracker.uri)
-    return [f"  MLflow: {link}" + (f"  (serve it with: {hint})" if hint else "")]
+    return [f"  {ui_line(tracker.uri, link)}"] if link else []
 
 
 __all__ = ["NonFiniteError", "Trainer", "make_accelerator", "optimizer_step", "train"]

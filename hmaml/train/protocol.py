@@ -88,12 +88,21 @@ class TestReport:
 
 
 def test_best(model: Any, method: Method, cfg: Config, packs: Packs, accelerator, best: Path,
-              reached_p0: bool, episodes: int | None = None, repeats: int | None = None
-              ) -> TestReport:
-    """Test the best checkpoint in ``best`` (loaded into ``method``, which ``model`` wraps)."""
+              reached_p0: bool, episodes: int | None = None, repeats: int | None = None,
+              warmup: bool = False) -> TestReport:
+    """Test the best checkpoint in ``best`` (loaded into ``method``, which ``model`` wraps).
+
+    ``warmup`` first classifies one untimed batch of the timed batches' shape, so that the
+    repeats' ``seconds`` exclude one-time kernel set-up (Tables 4 and 8)."""
     best_epoch = restore_best(method, best, fingerprint(cfg))
     best_p = method.p
     method.set_tested()
+    if warmup:
+        batch = eval_tasks_per_batch(cfg, packs, cfg.data.test_query)
+        evaluate(model, episodes_of(cfg, packs, cfg.data.test_split,
+                                    batch * accelerator.num_processes, cfg.data.test_query,
+                                    rank=accelerator.process_index,
+                                    world=accelerator.num_processes), accelerator)
     results = [evaluate(model, episodes_of(cfg, packs, cfg.data.test_split,
                                            episodes or cfg.eval.test_episodes,
                                            cfg.data.test_query, rank=accelerator.process_index,
@@ -102,10 +111,6 @@ def test_best(model: Any, method: Method, cfg: Config, packs: Packs, accelerator
                for r in range(repeats or cfg.eval.test_repeats)]
     return TestReport(results, method.p, best_epoch + 1, best_p,
                       reached_p0)
-
-
-#: Keys ``--override`` may not change: they fix the shapes of the trained parameters.
-FIXED_BY_TRAINING = FINGERPRINT_KEYS
 
 
 def evaluate_run(run_dir: str | Path, episodes: int | None = None,
@@ -124,10 +129,10 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
     rd = RunDir(run_dir)
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key in FIXED_BY_TRAINING:
+        if key in FINGERPRINT_KEYS:  # the keys that fix the trained parameters' shapes
             raise HmamlError(f"--override {item}: {key} fixes the shapes of the trained "
                              f"parameters and cannot change at test time (fixed: "
-                             f"{', '.join(FIXED_BY_TRAINING)})")
+                             f"{', '.join(FINGERPRINT_KEYS)})")
     if not rd.config.is_file():
         raise HmamlError(f"{rd.path}: not a run directory (no {rd.config.name})")
     # the checkpoint holds every weight: the encoder file of model.init_from is not needed
@@ -145,16 +150,8 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
     progress = read_json(rd.progress) or {}
     method.set_epoch(max(int(progress.get("epoch", cfg.train.epochs)) - 1, 0))
     reached = method.p == 0.0
-    if warmup:
-        restore_best(method, rd.best, fingerprint(cfg))
-        method.set_tested()
-        batch = eval_tasks_per_batch(cfg, packs, cfg.data.test_query)  # the timed batches' shape
-        first = episodes_of(cfg, packs, cfg.data.test_split, batch * accelerator.num_processes,
-                            cfg.data.test_query, rank=accelerator.process_index,
-                            world=accelerator.num_processes)
-        evaluate(model, first, accelerator)
     report = test_best(model, method, cfg, packs, accelerator, rd.best, reached, episodes,
-                       repeats)
+                       repeats, warmup)
     summary = {"run_dir": str(rd.path), "overrides": list(overrides), **report.as_json(),
                "lines": report.lines()}
     if write and accelerator.is_main_process:

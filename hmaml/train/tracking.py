@@ -70,6 +70,12 @@ def serve_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def ui_line(uri: str, link: str) -> str:
+    """The printed ``MLflow: <link>`` line, with how to serve a local store."""
+    hint = serve_hint(uri)
+    return f"MLflow: {link}" + (f"  (serve it with: {hint})" if hint else "")
+
+
 def run_ui_link(uri: str, run_id: str, ui_url: str | None = None) -> str | None:
     """:func:`ui_link` of the experiment that holds ``run_id`` (None if the store cannot say)."""
     try:
