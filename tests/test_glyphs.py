@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from hmaml.data.glyphs import GlyphLoader, glyph_classes, pack_glyphs
-from hmaml.data.pack import verify_pack
+from hmaml.data.glyphs import GlyphLoader, glyph_classes
+from hmaml.data.pack import pack_dataset, verify_pack
 
 
 def _render(n_classes: int, per_class: int = 20, seed: int = 0) -> np.ndarray:
@@ -54,15 +54,16 @@ def test_glyph_classes_are_learnable_but_not_trivial_on_raw_pixels():
 
 
 def test_pack_glyphs_is_byte_reproducible(tmp_path):
-    first = pack_glyphs(tmp_path / "a", classes=(12, 3, 3), per_class=5, seed=3, progress=False,
-                        workers=1)
-    second = pack_glyphs(tmp_path / "b", classes=(12, 3, 3), per_class=5, seed=3, progress=False,
-                         workers=2)
+    first = pack_dataset("glyphs", None, tmp_path / "a", classes=(12, 3, 3), per_class=5, seed=3,
+                         progress=False, workers=1)
+    second = pack_dataset("glyphs", None, tmp_path / "b", classes=(12, 3, 3), per_class=5, seed=3,
+                          progress=False, workers=2)
     assert first == second
     assert {s: len(v["classes"]) for s, v in first["splits"].items()} == {
         "train": 12, "val": 3, "test": 3}
     assert first["sources"] == [] and first["options"]["seed"] == 3
-    other = pack_glyphs(tmp_path / "c", classes=(12, 3, 3), per_class=5, seed=4, progress=False)
+    other = pack_dataset("glyphs", None, tmp_path / "c", classes=(12, 3, 3), per_class=5, seed=4,
+                         progress=False)
     assert other["fingerprint"] != first["fingerprint"]
     assert other["splits"]["train"]["shards"][0]["sha256"] != \
         first["splits"]["train"]["shards"][0]["sha256"]
@@ -71,7 +72,7 @@ def test_pack_glyphs_is_byte_reproducible(tmp_path):
 @pytest.mark.slow
 def test_default_glyph_set_generates_and_packs_quickly(tmp_path):
     start = time.perf_counter()
-    manifest = pack_glyphs(tmp_path / "glyphs", progress=False)
+    manifest = pack_dataset("glyphs", None, tmp_path / "glyphs", progress=False)
     seconds = time.perf_counter() - start
     assert {s: len(v["classes"]) for s, v in manifest["splits"].items()} == {
         "train": 1000, "val": 200, "test": 200}

@@ -157,13 +157,13 @@ def test_sweep_runs_nest_under_their_parent_in_the_ui(tmp_path: Path) -> None:
 def test_the_printed_link_opens_on_the_runs_table(tmp_path: Path, capsys) -> None:
     """The end-of-run line's MLflow link, opened exactly as printed, shows the runs table with
     the run (not MLflow 3's empty GenAI overview)."""
-    from hmaml.data.glyphs import pack_glyphs
+    from hmaml.data.pack import pack_dataset
     from hmaml.train.loop import train
     from tests.train_fixtures import tiny_config
 
     store = tmp_path / "mlruns.db"
     pack = tmp_path / "glyphs"
-    pack_glyphs(pack, classes=(20, 10, 10), per_class=20, progress=False)
+    pack_dataset("glyphs", None, pack, classes=(20, 10, 10), per_class=20, progress=False)
     port = _free_port()
     cfg = tiny_config(pack, tmp_path / "run", **{
         "tracking.enabled": True, "tracking.uri": f"sqlite:///{store}",

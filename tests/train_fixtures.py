@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hmaml.data.glyphs import pack_glyphs
+    from hmaml.data.pack import pack_dataset
 
     out = tmp_path_factory.mktemp("packs") / "glyphs"
-    pack_glyphs(out, classes=(20, 10, 10), per_class=20, progress=False)
+    pack_dataset("glyphs", None, out, classes=(20, 10, 10), per_class=20, progress=False)
     return out
 
 

@@ -12,29 +12,13 @@ import argparse
 
 from hmaml.data.download import REGISTRY, download
 from hmaml.data.pack import DEFAULT_SHARD_BYTES, pack_dataset, verify_pack
-from hmaml.data.sources import DATASETS
+from hmaml.data.sources import SPECS, DatasetSpec
 from hmaml.errors import HmamlError, one_line_errors
 
-_HELP = {
-    "folder": "a folder of class folders (your own data)",
-    "omniglot": "Omniglot, images_background + images_evaluation (zips or folders)",
-    "omniglot-nolatin": "Omniglot without the Latin alphabet, one train split (1597 classes)",
-    "emnist": "EMNIST as HyperMAML uses it (emnist.zip): even ids val, odd ids test",
-    "cub": "CUB-200-2011 (CUB_200_2011.tgz or its unpacked folder)",
-    "mini-imagenet": "mini-ImageNet images + Ravi & Larochelle csv splits",
-    "glyphs": "synthetic Omniglot-like characters (no download)",
-}
 
-
-def _class_counts(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected train,val,test counts, got {text!r}") from exc
-
-
-def _add_dataset_options(parser: argparse.ArgumentParser, dataset: str) -> None:
-    if dataset != "glyphs":
+def _add_dataset_options(parser: argparse.ArgumentParser, spec: DatasetSpec) -> None:
+    """The flags every dataset's sub-command shares, then the dataset's own (from its spec)."""
+    if spec.needs_src:
         parser.add_argument("--src", required=True, help="the raw data (see the README)")
     parser.add_argument("--out", required=True, help="pack folder, e.g. shards/<name>")
     parser.add_argument("--force", action="store_true", help="replace a different pack at --out")
@@ -47,40 +31,15 @@ def _add_dataset_options(parser: argparse.ArgumentParser, dataset: str) -> None:
     parser.add_argument("--drop-small", action="store_true",
                         help="drop (and list) classes below --min-images instead of refusing")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    if dataset == "folder":
-        parser.add_argument("--split-file", help="lines 'split<TAB or comma>class'")
-        parser.add_argument("--split-rule", help="e.g. ratio:0.6,0.2,0.2 over sorted classes")
-        parser.add_argument("--seed", type=int, help="shuffle seed of --split-rule (default 0)")
-        parser.add_argument("--size", type=int, help="image side in pixels (default 84)")
-        parser.add_argument("--channels", type=int, choices=(1, 3),
-                            help="1 grey (characters pipeline) or 3 RGB (natural pipeline)")
-    if dataset in ("folder", "cub", "mini-imagenet"):
-        parser.add_argument("--store-size", type=int,
-                            help="side the RGB images are stored at, >= the input size (default "
-                                 "1.5 x the input size: 126 px for 84), so training crops come "
-                                 "from real pixels")
-    elif dataset == "omniglot":
-        parser.add_argument("--split", choices=("background", "vinyals"),
-                            help="background: train=background set, test=evaluation set "
-                                 "(default); vinyals: train/val/test lists of --split-dir")
-        parser.add_argument("--rotations", action="store_true",
-                            help="add 90/180/270-degree rotations as new classes (background)")
-        parser.add_argument("--split-dir", help="folder with Vinyals train/val/test.txt")
-    elif dataset == "mini-imagenet":
-        parser.add_argument("--split-dir", help="folder with train/val/test.csv (default: --src)")
-    elif dataset == "glyphs":
-        parser.add_argument("--classes", type=_class_counts,
-                            help="train,val,test class counts (default 1000,200,200)")
-        parser.add_argument("--per-class", type=int, help="images per class (default 20)")
-        parser.add_argument("--seed", type=int, help="generator seed (default 0)")
+    spec.add_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmaml pack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for dataset in DATASETS:
-        _add_dataset_options(sub.add_parser(dataset, help=_HELP[dataset]), dataset)
+    for spec in SPECS.values():
+        _add_dataset_options(sub.add_parser(spec.name, help=spec.help), spec)
     verify = sub.add_parser("verify", help="check a pack's shards against its manifest")
     verify.add_argument("pack_dir")
     verify.add_argument("--split", help="only this split")

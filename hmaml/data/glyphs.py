@@ -14,8 +14,7 @@ seed gives byte-identical packs, whatever the number of worker processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -117,13 +116,3 @@ def glyph_classes(split: str, n_classes: int, per_class: int, seed: int
     """The (name, refs) list of one split of a glyph set."""
     return [(f"glyph{c:05d}", tuple(GlyphRef(seed, split, c, i) for i in range(per_class)))
             for c in range(n_classes)]
-
-
-def pack_glyphs(out: str | Path, *, classes: tuple[int, int, int] = (1000, 200, 200),
-                per_class: int = 20, seed: int = 0, force: bool = False,
-                **options: Any) -> dict[str, Any]:
-    """Generate a train/val/test glyph set and pack it at ``out``; returns the manifest."""
-    from hmaml.data.pack import pack_dataset
-
-    return pack_dataset("glyphs", None, out, force=force, classes=tuple(classes),
-                        per_class=per_class, seed=seed, **options)
