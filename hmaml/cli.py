@@ -23,6 +23,7 @@ COMMANDS = {
     "tables": "the paper's Tables 3, 4 and 8 from trained runs",
     "bench": "benchmarks that print figures (adapt, loader, train, gpu)",
     "toy2d": "the paper's 2-D toy figure",
+    "predict": "classify your own images with a trained run adapted to your support set",
 }
 
 EXAMPLES = """examples:
@@ -31,6 +32,7 @@ EXAMPLES = """examples:
   hmaml train --list-configs
   accelerate launch -m hmaml.cli train --config cub5 train.epochs=100
   hmaml evaluate --run runs/cub5 --repeats 5
+  hmaml predict --run runs/cub5 --support my_task/ --query photos/
   hmaml sweep --sweep configs/sweeps/lr_width.yaml --cluster local"""
 
 

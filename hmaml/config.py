@@ -56,6 +56,9 @@ class DataConfig:
     augment: str | None = None  # "natural" for CUB / mini-ImageNet training
     workers: int = 2
     buffer_mb: int = 512
+    cache_dir: str | None = None  # remote packs (https://, s3://, pipe:...): keep shards here
+    read_retries: int = 3  # remote reads: re-opens in a row before the run stops, naming the URL
+    read_timeout_s: float = 60.0  # remote reads: seconds per network operation
 
 
 @dataclass
@@ -120,6 +123,8 @@ class EvalConfig:
     memory_mb: float = 256  # about the largest activation one evaluation batch may allocate
     every: int = 1  # validate every `every` epochs
     test_repeats: int = 1  # independent test lists: mean ± std of their means (the paper: 5)
+    query_norm: str = "transductive"  # queries normalised with their own set's statistics, or
+    #                                   "support": with the support set's (one image at a time)
 
 
 @dataclass
@@ -403,6 +408,7 @@ def _check(cfg: Config, source_of: Any) -> None:
     # The valid names are those of the code that builds them (imported here: it needs torch).
     from hmaml.data.transforms import PRESETS as AUGMENTS
     from hmaml.methods import METHODS
+    from hmaml.methods.base import QUERY_NORMS
     from hmaml.models import ENCODERS, INITS
 
     def fail(key: str, why: str) -> None:
@@ -437,6 +443,9 @@ def _check(cfg: Config, source_of: Any) -> None:
         one_of("data.augment", d.augment, AUGMENTS)
     at_least("data.workers", d.workers, 0)
     at_least("data.buffer_mb", d.buffer_mb, 1)
+    one_of("eval.query_norm", e.query_norm, QUERY_NORMS)
+    at_least("data.read_retries", d.read_retries, 0)
+    positive("data.read_timeout_s", d.read_timeout_s)
     one_of("model.encoder", cfg.model.encoder, tuple(ENCODERS))
     one_of("model.init", cfg.model.init, INITS)
     at_least("pretrain.batch_size", cfg.pretrain.batch_size, 2)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hmaml.data.format import read_manifest
+from hmaml.data.store import read_manifest
 from hmaml.errors import HmamlError
 from hmaml.files import write_json_atomic
 from hmaml.plots import plot_steps

@@ -17,7 +17,7 @@ import torch
 
 from hmaml.config import Config
 from hmaml.data.episodes import train_loader
-from hmaml.data.format import read_manifest
+from hmaml.data.store import read_manifest
 from hmaml.methods import build_method
 from hmaml.models import build_encoder
 from hmaml.train.loop import make_accelerator, optimizer_step

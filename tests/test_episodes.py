@@ -23,7 +23,7 @@ from hmaml.data.episodes import (
     stream_classes,
     train_loader,
 )
-from hmaml.data.format import read_manifest
+from hmaml.data.store import read_manifest
 from hmaml.errors import HmamlError
 from hmaml.tasks import TaskBatch
 from tests.stream_fixtures import decode_ids, write_pack

@@ -89,12 +89,12 @@ def test_pretrain_writes_an_encoder_that_init_from_loads_exactly(tmp_path):
     cfg = load_config("quickstart", [f"data.train_pack={glyphs}",
                                      f"model.init_from={encoder_file}"])
     packs = open_packs(cfg)
-    method = build_model(cfg, packs, Precision("no", "test"), torch.device("cpu"))
+    method = build_model(cfg, packs.image, Precision("no", "test"), torch.device("cpu"))
     loaded = method.encoder.state_dict()
     assert set(loaded) == set(saved["state_dict"])
     for key, value in saved["state_dict"].items():
         assert torch.equal(loaded[key], value), key
-    fresh = build_model(load_config("quickstart", [f"data.train_pack={glyphs}"]), packs,
+    fresh = build_model(load_config("quickstart", [f"data.train_pack={glyphs}"]), packs.image,
                         Precision("no", "test"), torch.device("cpu"))
     assert not torch.equal(fresh.encoder.state_dict()["blocks.0.conv.weight"],
                            saved["state_dict"]["blocks.0.conv.weight"])
@@ -113,7 +113,7 @@ def test_init_from_refuses_another_encoder_input_or_a_missing_file(tmp_path):
 
     def build(*overrides: str) -> None:
         cfg = load_config("quickstart", [f"data.train_pack={glyphs}", *overrides])
-        build_model(cfg, packs, Precision("no", "test"), torch.device("cpu"))
+        build_model(cfg, packs.image, Precision("no", "test"), torch.device("cpu"))
 
     build(f"model.init_from={path}")
     with pytest.raises(HmamlError, match=r"holds a 'conv4' encoder, the config builds "

@@ -256,7 +256,7 @@ def test_evaluation_batches_fit_the_memory_budget_and_do_not_change_results(
     cfg = tiny_config(tiny_pack, tmp_path / "run", **{"eval.tasks_per_batch": "null",
                                                       "train.mixed_precision": "no"})
     packs = open_packs(cfg)
-    per_task = 5 * 15 * 64 * packs.image["size"] ** 2 * 4 * 3
+    per_task = 5 * 15 * 64 * packs.image.size ** 2 * 4 * 3
     assert eval_tasks_per_batch(cfg, packs, 15) == int(256 * 2**20 // per_task)
     cfg.eval.memory_mb = 1
     assert eval_tasks_per_batch(cfg, packs, 15) == 1
@@ -266,7 +266,7 @@ def test_evaluation_batches_fit_the_memory_budget_and_do_not_change_results(
     assert eval_tasks_per_batch(cfg, packs, 15) == 3
 
     accelerator = Accelerator(cpu=True)
-    method = build_model(cfg, packs, resolve_precision(cfg.train.mixed_precision, CPU), CPU)
+    method = build_model(cfg, packs.image, resolve_precision(cfg.train.mixed_precision, CPU), CPU)
     method.set_tested()
     results = []
     for tasks in (1, 7):

@@ -39,13 +39,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from hmaml.data.format import (
-    ImageSpec,
-    decode_class_record,
-    read_manifest,
-    split_classes,
-    split_parts,
-)
+from hmaml.data.format import ImageSpec, decode_class_record, split_classes, split_parts
+from hmaml.data.store import PackStore, RemotePolicy, open_location
 from hmaml.data.transforms import Transform, build_transform
 from hmaml.errors import HmamlError
 from hmaml.tasks import TaskBatch
@@ -70,15 +65,19 @@ def _generator(*keys: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard: its path, the labels ``first .. first + classes - 1`` it holds, its size in
-    bytes per the manifest, and ``base``: what its split's labels are offset by in a split union
-    (label ``l`` of the shard's own split is label ``base + l`` of the union)."""
+    """One shard: where it is read from (its file name in the manifest; after
+    :func:`check_shard_files` a local path or a URL), the labels ``first .. first + classes - 1``
+    it holds, its size and sha256 per the manifest, ``base``: what its split's labels are offset
+    by in a split union (label ``l`` of the shard's own split is label ``base + l`` of the union),
+    and how a remote shard is read."""
 
-    path: Path
+    path: Path | str
     first: int
     classes: int
     bytes: int = -1
     base: int = 0
+    sha256: str = ""
+    policy: RemotePolicy = dataclasses.field(default_factory=RemotePolicy)
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,8 @@ def split_info(manifest: dict[str, Any], split: str) -> SplitInfo:
         classes, shards = manifest["splits"][part]["classes"], manifest["splits"][part]["shards"]
         base = first = len(names)
         for shard in shards:
-            infos.append(ShardInfo(Path(shard["file"]), first, int(shard["classes"]),
-                                   int(shard["bytes"]), base))
+            infos.append(ShardInfo(shard["file"], first, int(shard["classes"]),
+                                   int(shard["bytes"]), base, shard["sha256"]))
             first += int(shard["classes"])
         if first - base != len(classes):
             raise HmamlError(f"manifest split {part!r}: shards hold {first - base} classes but "
@@ -139,21 +138,15 @@ def check_episode_shape(info: SplitInfo, n_way: int, n_shot: int, n_query: int) 
                          + (f" ({short.size} such classes)" if short.size > 1 else ""))
 
 
-def check_shard_files(pack_dir: Path, info: SplitInfo) -> list[ShardInfo]:
-    """Every shard of the split exists with the manifest's byte size (a cheap truncation check;
-    the pack's sha256 verification is the thorough one). Returns the shards with full paths."""
-    shards = []
-    for shard in info.shards:
-        path = pack_dir / shard.path
-        if not path.is_file():
-            raise HmamlError(f"{path}: shard listed in the manifest is missing; "
-                             "re-pack the dataset")
-        size = path.stat().st_size
-        if size != shard.bytes:
-            raise HmamlError(f"{path}: {size} bytes but the manifest says {shard.bytes} "
-                             "(truncated or replaced shard); re-pack the dataset")
-        shards.append(dataclasses.replace(shard, path=path))
-    return shards
+def check_shard_files(store: PackStore, manifest: dict[str, Any],
+                      info: SplitInfo) -> list[ShardInfo]:
+    """Every shard of the split passes the pack's shard check (local: exists with the manifest's
+    size; remote and cached: fetched, size and sha256; remote: its size is checked as it is
+    read). Returns the shards with where to read them."""
+    return [dataclasses.replace(shard, path=store.check_shard(str(shard.path), shard.bytes,
+                                                              shard.sha256, manifest),
+                                policy=store.policy)
+            for shard in info.shards]
 
 
 # ----------------------------------------------------------------------------- shard reading
@@ -167,7 +160,8 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
     expected = shard.first
     end = shard.first + shard.classes
     try:
-        with open(shard.path, "rb") as handle:
+        with open_location(shard.path, shard.bytes if shard.bytes >= 0 else None,
+                           shard.policy) as handle:
             for sample in group_by_keys(tar_file_expander([{"url": str(shard.path),
                                                                "stream": handle}])):
                 own, name, images = decode_class_record(sample)
@@ -183,8 +177,8 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
                                      f"{info.names[label]!r} uint8 {want}")
                 expected += 1
                 yield label, images
-    except HmamlError:
-        raise
+    except HmamlError as exc:  # WebDataset appends " @ <stream>", the stream and the url
+        raise HmamlError(str(exc.args[0]).split(" @ <", 1)[0]) from None
     except Exception as exc:  # tarfile, numpy and json errors alike: a damaged shard
         # args[0] alone: WebDataset appends the stream and url to an exception's args
         detail = str(exc.args[0]).splitlines()[0] if exc.args else "no detail"
@@ -195,12 +189,12 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
                          f"manifest says {shard.classes}")
 
 
-def load_split(pack_dir: str | Path, split: str) -> tuple[SplitInfo, list[np.ndarray]]:
+def load_split(pack: str | Path | PackStore, split: str) -> tuple[SplitInfo, list[np.ndarray]]:
     """Read every class record of a split into memory (label order)."""
-    pack_dir = Path(pack_dir)
-    manifest = read_manifest(pack_dir)
+    store = PackStore.of(pack)
+    manifest = store.read_manifest()
     info = split_info(manifest, split)
-    shards = check_shard_files(pack_dir, info)
+    shards = check_shard_files(store, manifest, info)
     return info, [images for shard in shards for _, images in read_shard(shard, info)]
 
 
@@ -362,7 +356,7 @@ class EpisodeStream(IterableDataset):
     next epoch's iterator starts them over (no worker is re-created per epoch).
     """
 
-    def __init__(self, pack_dir: str | Path, split: str, *, n_way: int, n_shot: int,
+    def __init__(self, pack: str | Path | PackStore, split: str, *, n_way: int, n_shot: int,
                  n_query: int, tasks_per_batch: int, episodes: int, seed: int, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, augment: str | None = None,
                  buffer_mb: float = 512, image_size: int | None = None,
@@ -372,11 +366,11 @@ class EpisodeStream(IterableDataset):
         if tasks_per_batch < 1 or episodes < 1:
             raise HmamlError(f"tasks_per_batch={tasks_per_batch} and episodes={episodes} must be "
                              "at least 1")
-        self.pack_dir = Path(pack_dir)
-        manifest = read_manifest(self.pack_dir)
+        store = PackStore.of(pack)
+        manifest = store.read_manifest()
         self.info = split_info(manifest, split)
         check_episode_shape(self.info, n_way, n_shot, n_query)
-        self.shards = check_shard_files(self.pack_dir, self.info)
+        self.shards = check_shard_files(store, manifest, self.info)
         self.budget = int(buffer_mb * MB)
         sizes = self.info.class_bytes
         self.fits = int(sizes.sum()) <= self.budget
@@ -445,7 +439,7 @@ class EpisodeStream(IterableDataset):
             yield images.to_batch(self.transform, augment)
 
 
-def train_loader(pack_dir: str | Path, split: str, *, n_way: int, n_shot: int, n_query: int,
+def train_loader(pack: str | Path | PackStore, split: str, *, n_way: int, n_shot: int, n_query: int,
                  tasks_per_batch: int, episodes: int, seed: int, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, workers: int = 0,
                  augment: str | None = None, buffer_mb: float = 512,
@@ -455,7 +449,7 @@ def train_loader(pack_dir: str | Path, split: str, *, n_way: int, n_shot: int, n
     tasks, ``episodes`` tasks per epoch for this rank (or the global task indices ``batches``,
     see :class:`EpisodeStream`). Set the epoch with
     ``loader.dataset.set_epoch(e)``. Do not pass it to ``accelerator.prepare()``."""
-    stream = EpisodeStream(pack_dir, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
+    stream = EpisodeStream(pack, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
                            tasks_per_batch=tasks_per_batch, episodes=episodes, seed=seed,
                            rank=rank, world_size=world_size, epoch=epoch, augment=augment,
                            buffer_mb=buffer_mb, image_size=image_size, batches=batches)
@@ -517,7 +511,7 @@ class EvalLoader:
     are read once, at construction. Rank ``r`` of ``W`` gets episodes ``r, r+W, r+2W, ...``
     (balanced to within one episode), in meta-batches of ``tasks_per_batch``."""
 
-    def __init__(self, pack_dir: str | Path, split: str, *, n_way: int, n_shot: int,
+    def __init__(self, pack: str | Path | PackStore, split: str, *, n_way: int, n_shot: int,
                  n_query: int, n_episodes: int = 600, seed: int = 0, rank: int = 0,
                  world_size: int = 1, tasks_per_batch: int = 32,
                  image_size: int | None = None, repeat: int = 0) -> None:
@@ -525,11 +519,12 @@ class EvalLoader:
             raise HmamlError(f"rank={rank} must lie in 0..world_size-1 (world_size={world_size})")
         if tasks_per_batch < 1:
             raise HmamlError(f"tasks_per_batch={tasks_per_batch} must be at least 1")
-        manifest = read_manifest(pack_dir)
+        store = PackStore.of(pack)
+        manifest = store.read_manifest()
         self.specs = eval_episodes(manifest, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
                                    n_episodes=n_episodes, seed=seed,
                                    repeat=repeat)[rank::world_size]
-        self.info, self.classes = load_split(pack_dir, split)
+        self.info, self.classes = load_split(store, split)
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.tasks_per_batch = tasks_per_batch
         self.transform = build_transform(None, image_size or self.info.image.size,
@@ -549,11 +544,11 @@ class EvalLoader:
                             images.to_batch(self.transform))
 
 
-def eval_loader(pack_dir: str | Path, split: str, *, n_way: int, n_shot: int, n_query: int,
+def eval_loader(pack: str | Path | PackStore, split: str, *, n_way: int, n_shot: int, n_query: int,
                 n_episodes: int = 600, seed: int = 0, rank: int = 0, world_size: int = 1,
                 tasks_per_batch: int = 32, image_size: int | None = None,
                 repeat: int = 0) -> EvalLoader:
     """This rank's :class:`EvalLoader` (see there)."""
-    return EvalLoader(pack_dir, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
+    return EvalLoader(pack, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
                       n_episodes=n_episodes, seed=seed, rank=rank, world_size=world_size,
                       tasks_per_batch=tasks_per_batch, image_size=image_size, repeat=repeat)

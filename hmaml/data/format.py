@@ -100,21 +100,3 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_manifest(pack_dir: str | Path) -> dict[str, Any]:
-    """Load and check a pack's manifest; refuse a missing file or another pack version."""
-    path = Path(pack_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise HmamlError(f"{path}: no manifest — pack a dataset there first "
-                         "(python launch/pack.py ...)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HmamlError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    version = manifest.get("pack_version")
-    if version != PACK_VERSION:
-        raise HmamlError(f"{path}: pack_version {version!r} is not the supported {PACK_VERSION}; "
-                         "re-pack the dataset with this version of hmaml "
-                         "(python launch/pack.py <dataset> ... --force)")
-    return manifest

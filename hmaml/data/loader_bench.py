@@ -25,10 +25,10 @@ from hmaml.data.format import (
     PACK_VERSION,
     ImageSpec,
     encode_class_record,
-    read_manifest,
     sha256_file,
     shard_name,
 )
+from hmaml.data.store import read_manifest
 from hmaml.errors import HmamlError
 
 

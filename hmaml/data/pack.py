@@ -30,11 +30,11 @@ from hmaml.data.format import (
     PACK_VERSION,
     SPLITS,
     encode_class_record,
-    read_manifest,
     sha256_file,
     shard_name,
 )
 from hmaml.data.sources import ClassEntry, Source, SourceInput, open_source
+from hmaml.data.store import PackStore, read_manifest
 from hmaml.errors import HmamlError
 from hmaml.log import show_bars
 
@@ -243,29 +243,21 @@ def pack_dataset(dataset: str, src: str | Path | None, out: str | Path, *, force
     return manifest
 
 
-def verify_pack(pack_dir: str | Path, split: str | None = None, *, full: bool = False
+def verify_pack(pack: str | Path | PackStore, split: str | None = None, *, full: bool = False
                 ) -> dict[str, Any]:
-    """Check a pack's shards against its manifest; returns the manifest.
+    """Check a pack's shards against its manifest (local or remote); returns the manifest.
 
     Cheap by default (every shard exists with the recorded size: catches a missing or truncated
     shard); ``full`` also compares each shard's sha256 (catches any modification).
     """
-    pack_dir = Path(pack_dir)
-    manifest = read_manifest(pack_dir)
+    store = PackStore.of(pack)
+    manifest = store.read_manifest()
     splits = manifest.get("splits", {})
     if split is not None and split not in splits:
-        raise HmamlError(f"{pack_dir}: no split {split!r} in this pack "
+        raise HmamlError(f"{store.location}: no split {split!r} in this pack "
                          f"(it has: {', '.join(splits) or 'none'})")
     for name in [split] if split is not None else list(splits):
         for shard in splits[name]["shards"]:
-            path = pack_dir / shard["file"]
-            if not path.is_file():
-                raise HmamlError(f"{path}: shard listed in the manifest is missing")
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                raise HmamlError(f"{path}: shard is {size} bytes, the manifest says "
-                                 f"{shard['bytes']} (truncated or modified); pack again")
-            if full and (digest := sha256_file(path)) != shard["sha256"]:
-                raise HmamlError(f"{path}: shard sha256 {digest} differs from the manifest's "
-                                 f"{shard['sha256']} (modified or corrupt); pack again")
+            store.check_shard(shard["file"], int(shard["bytes"]), shard["sha256"], manifest,
+                              full=full)
     return manifest

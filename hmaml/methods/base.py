@@ -13,7 +13,11 @@ from torch.func import functional_call
 from hmaml.errors import HmamlError
 from hmaml.methods.functional import at_least_fp32, task_accuracy
 from hmaml.models import Encoder
+from hmaml.models.norm import support_statistics
 from hmaml.tasks import TaskBatch
+
+#: Query normalisation modes: the query set's statistics, or the support set's.
+QUERY_NORMS = ("transductive", "support")
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Method(nn.Module):
     #: The MAML weight p of HyperMAML's warm-up switch at the current epoch; 0 for methods
     #: without one (they always adapt as they are tested).
     p: float = 0.0
+    #: How queries are normalised, one of :data:`QUERY_NORMS` (see :meth:`encode_query`).
+    query_norm: str = "transductive"
 
     def __init__(self, encoder: Encoder, n_way: int) -> None:
         super().__init__()
@@ -95,9 +101,21 @@ class Method(nn.Module):
                                                                           (x,))
         return at_least_fp32(emb)
 
+    def encode_query(self, support_x: Tensor, query_x: Tensor,
+                     params: dict[str, Tensor] | None = None) -> Tensor:
+        """Query embeddings, normalised per :attr:`query_norm`: with the query set's own
+        statistics (transductive: how every method is trained and tested) or with the support
+        set's (``support``: a query's embedding then depends on it alone)."""
+        if self.query_norm == "transductive":
+            return self.encode(query_x, params)
+        rows = support_x.shape[1]
+        with support_statistics(self.encoder, rows):
+            return self.encode(torch.cat([support_x, query_x], 1), params)[:, rows:]
+
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """Support and query embeddings; each set of each task has its own statistics."""
-        return self.encode(batch.support_x), self.encode(batch.query_x)
+        """Support and query embeddings; each set of each task has its own statistics (the
+        queries: see :meth:`encode_query`)."""
+        return self.encode(batch.support_x), self.encode_query(batch.support_x, batch.query_x)
 
     def check(self, batch: TaskBatch) -> None:
         """Cheap shape checks (no device sync) that name what is wrong."""

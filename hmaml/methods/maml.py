@@ -74,14 +74,18 @@ class MAML(Method):
                                             create_graph=second_order)
                 adapted = {name: value - self.inner_lr * g
                            for (name, value), g in zip(adapted.items(), grads, strict=True)}
-        logits = self._logits_with(adapted, batch.query_x)
+        logits = self._logits_with(adapted, batch.query_x, batch.support_x)
         task_loss = task_cross_entropy(logits, batch.query_y)
         return MethodOutput(logits, task_loss.mean(), task_loss,
                             *update_norms(adapted["head.weight"], adapted["head.bias"],
                                           start["head.weight"], start["head.bias"]))
 
-    def _logits_with(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Logits of images ``x [T, B, ...]`` under per-task parameters ``[T, ...]``."""
+    def _logits_with(self, params: dict[str, Tensor], x: Tensor,
+                     support_x: Tensor | None = None) -> Tensor:
+        """Logits of images ``x [T, B, ...]`` under per-task parameters ``[T, ...]``; queries
+        (with their ``support_x``) are normalised per :attr:`query_norm`."""
         encoder = {name.removeprefix("encoder."): value for name, value in params.items()
                    if name.startswith("encoder.")}
-        return linear_logits(self.encode(x, encoder), params["head.weight"], params["head.bias"])
+        emb = self.encode(x, encoder) if support_x is None else \
+            self.encode_query(support_x, x, encoder)
+        return linear_logits(emb, params["head.weight"], params["head.bias"])

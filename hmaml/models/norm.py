@@ -12,6 +12,9 @@ accuracy equal its validation accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -46,14 +49,40 @@ class TaskConv2d(nn.Conv2d):
 
 
 class TaskBatchNorm2d(nn.Module):
-    """Batch normalisation with statistics per (task, channel) and one learned affine map."""
+    """Batch normalisation with statistics per (task, channel) and one learned affine map.
+
+    ``stat_rows`` (set by :func:`support_statistics`): the statistics come from the first
+    ``stat_rows`` examples alone and normalise every example, so images placed after a task's
+    support set are normalised as the support set is (one image can then be classified)."""
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
+        self.stat_rows: int | None = None
 
     def forward(self, x: Tensor, tasks: int = 1) -> Tensor:
-        return F.batch_norm(x, None, None, _tiled(self.weight, tasks, 1),
-                            _tiled(self.bias, tasks, 1), training=True, eps=self.eps)
+        weight, bias = _tiled(self.weight, tasks, 1), _tiled(self.bias, tasks, 1)
+        if self.stat_rows is None:
+            return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
+        # written out (not the kernel's eval mode): the statistics stay differentiable, as the
+        # batch statistics are, for MAML's adaptation under autograd
+        var, mean = torch.var_mean(x[:self.stat_rows].float(), dim=(0, 2, 3), correction=0)
+        scale = weight * torch.rsqrt(var + self.eps)
+        shift = bias - mean * scale
+        return (x.float() * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+
+
+@contextmanager
+def support_statistics(module: nn.Module, rows: int) -> Iterator[None]:
+    """Within the block, every :class:`TaskBatchNorm2d` of ``module`` normalises with the
+    statistics of the first ``rows`` examples of each task (its support set)."""
+    layers = [m for m in module.modules() if isinstance(m, TaskBatchNorm2d)]
+    for layer in layers:
+        layer.stat_rows = rows
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.stat_rows = None

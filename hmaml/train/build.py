@@ -7,14 +7,14 @@ training exactly as it is re-tested later.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from hmaml.config import Config
 from hmaml.data.episodes import EvalLoader, eval_loader
-from hmaml.data.format import MANIFEST_NAME, read_manifest, split_classes
+from hmaml.data.format import MANIFEST_NAME, ImageSpec, split_classes
+from hmaml.data.store import PackStore, RemotePolicy
 from hmaml.errors import HmamlError
 from hmaml.methods import Method, build_method
 from hmaml.models import ENCODERS, build_encoder, load_encoder
@@ -23,51 +23,54 @@ from hmaml.precision import Precision
 
 @dataclass(frozen=True)
 class Packs:
-    """The training and evaluation packs of a config, their manifests read once."""
+    """The training and evaluation packs of a config (local or remote), their manifests read
+    once."""
 
-    train: Path
-    eval: Path
+    train: PackStore
+    eval: PackStore
     train_manifest: dict[str, Any]
     eval_manifest: dict[str, Any]
 
     @property
-    def image(self) -> dict[str, Any]:
+    def image(self) -> ImageSpec:
         """Image size and channels, which fix the encoder's shapes (the training pack's)."""
-        return self.train_manifest["image"]
+        return ImageSpec.of(self.train_manifest)
 
 
 def open_packs(cfg: Config, *, train: bool = True) -> Packs:
     """Read both manifests and check that the config's splits are there (one line if not)."""
     data = cfg.data
-    eval_pack = Path(data.eval_pack or data.train_pack)
-    train_manifest = read_manifest(data.train_pack)
-    eval_manifest = train_manifest if eval_pack == Path(data.train_pack) else \
-        read_manifest(eval_pack)
-    wanted = [(Path(data.train_pack), train_manifest, [data.train_split] if train else []),
+    policy = RemotePolicy(retries=data.read_retries, timeout=data.read_timeout_s)
+    train_pack = PackStore.of(data.train_pack, cache_dir=data.cache_dir, policy=policy)
+    eval_pack = train_pack if not data.eval_pack else \
+        PackStore.of(data.eval_pack, cache_dir=data.cache_dir, policy=policy)
+    train_manifest = train_pack.read_manifest()
+    eval_manifest = train_manifest if eval_pack == train_pack else eval_pack.read_manifest()
+    wanted = [(train_pack, train_manifest, [data.train_split] if train else []),
               (eval_pack, eval_manifest, [data.val_split, data.test_split])]
     for pack, manifest, splits in wanted:
         for split in splits:
             try:
                 split_classes(manifest, split)
             except HmamlError as exc:
-                raise HmamlError(f"{pack}/{MANIFEST_NAME}: {exc}") from None
-    return Packs(Path(data.train_pack), eval_pack, train_manifest, eval_manifest)
+                raise HmamlError(f"{pack.where(MANIFEST_NAME)}: {exc}") from None
+    return Packs(train_pack, eval_pack, train_manifest, eval_manifest)
 
 
-def build_model(cfg: Config, packs: Packs, precision: Precision,
+def build_model(cfg: Config, image: ImageSpec, precision: Precision,
                 device: torch.device) -> Method:
-    """The config's method and encoder, initialised from ``cfg.seed`` (the encoder from
-    ``model.init_from`` when set), its encoder running in ``precision``, compiled for ``device``
-    with ``train.compile``."""
+    """The config's method and encoder for the training pack's ``image`` spec, initialised from
+    ``cfg.seed`` (the encoder from ``model.init_from`` when set), its encoder running in
+    ``precision``, its queries normalised per ``eval.query_norm``, compiled for ``device`` with
+    ``train.compile``."""
     torch.manual_seed(cfg.seed)
-    image = packs.image
-    encoder = build_encoder(cfg.model.encoder, image["channels"], image["size"],
-                            cfg.model.init)
+    encoder = build_encoder(cfg.model.encoder, image.channels, image.size, cfg.model.init)
     if cfg.model.init_from:
-        load_encoder(encoder, cfg.model.init_from, cfg.model.encoder, image["channels"],
-                     image["size"])
+        load_encoder(encoder, cfg.model.init_from, cfg.model.encoder, image.channels,
+                     image.size)
     method = build_method(cfg.method, encoder, cfg.data.n_way)
     method.encoder_dtype = precision.dtype
+    method.query_norm = cfg.eval.query_norm
     if cfg.train.compile:
         compile_method(method, device)
     return method
@@ -91,7 +94,7 @@ def eval_tasks_per_batch(cfg: Config, packs: Packs, n_query: int) -> int:
     if cfg.eval.tasks_per_batch is not None:
         return cfg.eval.tasks_per_batch
     image = packs.image
-    per_image = ENCODERS[cfg.model.encoder].widest_activation(image["channels"], image["size"])
+    per_image = ENCODERS[cfg.model.encoder].widest_activation(image.channels, image.size)
     images = cfg.data.n_way * max(cfg.data.n_shot, n_query)  # support and query run apart
     per_task = images * per_image * 4 * _LIVE_ACTIVATIONS
     return max(1, min(100, int(cfg.eval.memory_mb * 2**20 // per_task)))
@@ -105,7 +108,7 @@ def episodes_of(cfg: Config, packs: Packs, split: str, episodes: int, n_query: i
                        n_query=n_query, n_episodes=episodes, seed=cfg.eval.seed, rank=rank,
                        world_size=world,
                        tasks_per_batch=eval_tasks_per_batch(cfg, packs, n_query),
-                       image_size=packs.image["size"], repeat=repeat)
+                       image_size=packs.image.size, repeat=repeat)
 
 
 __all__ = ["Packs", "build_model", "compile_method", "episodes_of", "eval_tasks_per_batch",

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from hmaml.config import Config, fingerprint, to_yaml
 from hmaml.data.episodes import train_loader
-from hmaml.data.format import MANIFEST_NAME, split_classes
+from hmaml.data.format import split_classes
+from hmaml.data.store import PackStore
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
 from hmaml.files import read_json, write_json_atomic
@@ -214,8 +215,8 @@ class StopFlag:
         return self.signalled or bool(self.predicate and self.predicate())
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _manifest_sha256(pack: PackStore) -> str:
+    return hashlib.sha256(pack.manifest_bytes()).hexdigest()
 
 
 class Trainer:
@@ -237,7 +238,7 @@ class Trainer:
         self.steps = self.plan.rank_steps(accelerator.process_index)
         self.packs = open_packs(cfg)
         self.precision = resolve_precision(train.mixed_precision, accelerator.device)
-        self.method: Method = build_model(cfg, self.packs, self.precision, accelerator.device)
+        self.method: Method = build_model(cfg, self.packs.image, self.precision, accelerator.device)
         if self.deepspeed:  # DeepSpeed flattens parameters through views of contiguous memory
             for param in self.method.parameters():
                 param.data = param.data.contiguous()
@@ -259,11 +260,11 @@ class Trainer:
         if zero_state is not None:
             accelerator.load_state(str(zero_state))
         self.train_data = train_loader(
-            data.train_pack, data.train_split, n_way=data.n_way, n_shot=data.n_shot,
+            self.packs.train, data.train_split, n_way=data.n_way, n_shot=data.n_shot,
             n_query=data.n_query, tasks_per_batch=1, episodes=train.episodes_per_epoch,
             seed=cfg.seed, rank=accelerator.process_index, world_size=self.world,
             epoch=self.epoch, workers=data.workers, augment=data.augment,
-            buffer_mb=data.buffer_mb, image_size=self.packs.image["size"],
+            buffer_mb=data.buffer_mb, image_size=self.packs.image.size,
             batches=[mb.tasks for step in self.steps for mb in step])
         self.val_data = episodes_of(cfg, self.packs, data.val_split, cfg.eval.val_episodes,
                                     data.n_query, rank=accelerator.process_index,
@@ -310,7 +311,7 @@ class Trainer:
             "stream": {"epoch": epoch, "step": step}, "epoch": epoch,
             "best_val_acc": self.best_val, "best_epoch": self.best_epoch, "best_p": self.best_p,
             "config_yaml": to_yaml(self.cfg), "fingerprint": fingerprint(self.cfg),
-            "zero_state": zero}
+            "image": self.packs.image.as_dict(), "zero_state": zero}
         if full:
             state.update(optimizer={} if self.deepspeed else self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict(), rng=capture_rng())
@@ -549,10 +550,8 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
             LOGGER.info(_header(trainer, changes))
         run_tags = {"world_size": accelerator.num_processes, "engine": trainer.plan.engine,
                     "precision": trainer.precision.name,
-                    "train_pack.manifest_sha256": _file_sha256(trainer.packs.train /
-                                                               MANIFEST_NAME),
-                    "eval_pack.manifest_sha256": _file_sha256(trainer.packs.eval /
-                                                              MANIFEST_NAME),
+                    "train_pack.manifest_sha256": _manifest_sha256(trainer.packs.train),
+                    "eval_pack.manifest_sha256": _manifest_sha256(trainer.packs.eval),
                     **(tags or {})}
         run_id = trainer.tracker.start(cfg, rd.path, run_tags, parent_run_id=parent_run_id)
         try:

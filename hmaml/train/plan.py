@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hmaml.config import Config, parse_yaml, to_yaml
 from hmaml.data.format import MANIFEST_NAME
+from hmaml.data.store import is_remote
 from hmaml.errors import HmamlError
 
 MAX_PROCESSES = 4096
@@ -233,7 +234,8 @@ def dry_run(cfg: Config, launch: Launch) -> str:
     packs = []
     for key, pack in (("data.train_pack", cfg.data.train_pack),
                       ("data.eval_pack", cfg.data.eval_pack or cfg.data.train_pack)):
-        state = "ok" if (Path(pack) / MANIFEST_NAME).is_file() else \
+        state = "remote: read when the run starts" if is_remote(pack) else \
+            "ok" if (Path(pack) / MANIFEST_NAME).is_file() else \
             "missing; pack it with launch/pack.py, see the README's Datasets section"
         packs.append(f"  {key}: {pack} ({state})")
     return "\n".join([

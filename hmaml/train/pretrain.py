@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from hmaml.config import Config
 from hmaml.data.episodes import derive_seed, load_split
 from hmaml.data.format import ImageSpec
+from hmaml.data.store import PackStore
 from hmaml.data.transforms import build_transform
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
@@ -45,7 +46,7 @@ class ClassImages(Dataset):
     """Every image of a split (or split union) as ``(uint8 [H, W, C], class)``; the split is
     held in memory (mini-ImageNet's 64 classes at 126 px: 1.8 GB)."""
 
-    def __init__(self, pack: str, split: str) -> None:
+    def __init__(self, pack: PackStore, split: str) -> None:
         self.info, self.classes = load_split(pack, split)
         self.index = np.concatenate([np.stack([np.full(len(images), c), np.arange(len(images))],
                                               1) for c, images in enumerate(self.classes)])
@@ -94,7 +95,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     packs = open_packs(cfg)
-    data = ClassImages(str(packs.train), cfg.data.train_split)
+    data = ClassImages(packs.train, cfg.data.train_split)
     image: ImageSpec = data.info.image
     batch = cfg.pretrain.batch_size
     if len(data) < batch * acc.num_processes:
@@ -166,7 +167,7 @@ def pretrain(cfg: Config) -> PretrainResult:
                     save_encoder(rd.encoder, unwrapped.proto.encoder,
                                  cfg.model.encoder, image.channels, image.size,
                                  {"config": cfg.name, "epoch": epoch + 1, "val_acc": result.mean,
-                                  "classes": len(data.info.names), "pack": str(packs.train),
+                                  "classes": len(data.info.names), "pack": packs.train.location,
                                   "split": cfg.data.train_split})
         history.append(row)
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)

@@ -143,7 +143,7 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
                          "epoch)")
     packs = open_packs(cfg, train=False)
     accelerator = Accelerator(cpu=pick_device(cfg.train.device) == "cpu")
-    method = build_model(cfg, packs,
+    method = build_model(cfg, packs.image,
                          resolve_precision(cfg.train.mixed_precision, accelerator.device),
                          accelerator.device)
     model = accelerator.prepare(method)

@@ -28,7 +28,8 @@ from hmaml.files import read_json, write_json_atomic, write_text_atomic
 #: Keys that may differ when a run folder is re-used: to extend a run (train.epochs) or to
 #: change only how it is watched. Anything else would mix two experiments in one folder.
 MAY_CHANGE = ("train.epochs", "eval.every", "data.workers", "train.progress", "train.compile",
-              "train.device", "eval.tasks_per_batch", "eval.memory_mb", "tracking.")
+              "train.device", "eval.tasks_per_batch", "eval.memory_mb", "data.cache_dir",
+              "data.read_retries", "data.read_timeout_s", "tracking.")
 #: Keys that say where a run is, not what it is.
 NOT_COMPARED = ("run_dir",)
 ZERO_PREFIX = "zero-state-"  # DeepSpeed's per-rank optimizer partitions, one folder a position
