@@ -49,14 +49,17 @@ def plain_conv4(channels: int, width: int = 64) -> nn.Sequential:
 
 
 def hypermaml_step(tasks: int, query: int, size: int, dtype: torch.dtype | None,
-                   compiled: bool, device: torch.device = CPU) -> Step:
+                   compiled: bool, device: torch.device = CPU, *, encoder: str = "conv4",
+                   channels: int = 1, hn_width: int = 512) -> Step:
     """One HyperMAML training step (p = 0, Adam) on a fixed random meta-batch, its encoder in
-    ``dtype`` (None: fp32) as training runs it; also the GPU check's training step."""
+    ``dtype`` (None: fp32) as training runs it; also the GPU check's training step and the
+    loader benchmark's measure of what training consumes."""
     torch.manual_seed(0)
-    method = HyperMAML(build_encoder("conv4", 1, size), 5, hn_width=512, switch=False).to(device)
+    method = HyperMAML(build_encoder(encoder, channels, size), 5, hn_width=hn_width,
+                       switch=False).to(device)
     method.encoder_dtype = dtype
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3, fused=device.type == "cuda")
-    batch = random_batch(tasks, 5, 1, query, device, size=size)
+    batch = random_batch(tasks, 5, 1, query, device, channels=channels, size=size)
     if compiled:
         compile_method(method, device)  # as train.compile does
 

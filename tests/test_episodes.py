@@ -325,6 +325,10 @@ def test_loader_bench_reports_json_last(pack: Path, capsys: pytest.CaptureFixtur
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["pack"] == "coded/train" and result["workers"] == 0
-    for key in ("pack_eps", "synthetic84_eps", "synthetic28_eps"):
+    for key in ("pack_eps", "synthetic84_eps", "synthetic28_eps", "synthetic84_train_tasks_s",
+                "synthetic28_train_tasks_s"):
         assert result[key] > 0
+    assert result["synthetic84_ratio"] == pytest.approx(result["synthetic84_eps"]
+                                                        / result["synthetic84_train_tasks_s"])
     assert any("synthetic84" in line and "episodes/s" in line for line in lines[:-1])
+    assert any("training consumes" in line for line in lines[:-1])

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from hmaml.data.format import MANIFEST_NAME
 from hmaml.train.loop import train
 from hmaml.train.protocol import evaluate_run
 from launch.evaluate import main as evaluate_main
 from launch.tables import main as tables_main
+from tests.stream_fixtures import write_pack
 from tests.train_fixtures import tiny_config, tiny_pack  # noqa: F401 (fixture)
 
 
@@ -79,3 +82,31 @@ def test_norms_table_reports_each_runs_update_magnitudes(runs, capsys):
     assert tables_main(["norms", "--maml", str(runs["hypermaml"]), "--hypermaml",
                         str(runs["hypermaml"])]) == 2
     assert "a hypermaml run; a maml run is needed here" in capsys.readouterr().err
+
+
+def test_steps_table_works_for_84_px_natural_images_and_conv4pool(tmp_path, capsys):
+    """Table 8's setting: RGB images stored at 126 px, the natural pipeline, Conv4Pool at 84 px."""
+    pack = write_pack(tmp_path / "natural", {"train": [6] * 8, "val": [6] * 6, "test": [6] * 6},
+                      size=126, channels=3)
+    manifest = json.loads((pack / MANIFEST_NAME).read_text())
+    manifest["image"] = {"size": 84, "channels": 3, "stored_size": 126, "pipeline": "natural"}
+    (pack / MANIFEST_NAME).write_text(json.dumps(manifest))
+    runs = {}
+    for name, extra in (("hypermaml", {}),
+                        ("maml", {"method.name": "maml", "method.adapt": "all"})):
+        runs[name] = tmp_path / name
+        train(tiny_config(pack, runs[name], **{"model.encoder": "conv4pool",
+                                                 "data.augment": "natural", "data.n_query": 2,
+                                                 "data.test_query": 2, "train.epochs": 2,
+                                                 "train.episodes_per_epoch": 4,
+                                                 "train.lr_milestones": "[]", **extra}))
+        best = torch.load(runs[name] / "best.pt", weights_only=False)
+        assert best["image"] == manifest["image"] and "conv4pool" in best["config_yaml"]
+    assert tables_main(["steps", "--maml", str(runs["maml"]), "--hypermaml",
+                        str(runs["hypermaml"]), "--steps", "0,2", "--episodes", "4",
+                        "--repeats", "1", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "steps.json").read_text())
+    assert [(r["model"], r["steps"]) for r in saved["rows"]] == [
+        ("MAML", 0), ("MAML", 2), ("HyperMAML", None)]
+    assert all(r["seconds"] > 0 and 0 <= r["acc"] <= 100 for r in saved["rows"])
+    assert "wrote" in capsys.readouterr().out
