@@ -196,7 +196,7 @@ def _image_spec(state: dict[str, Any], cfg: Config) -> ImageSpec:
     if "image" in state:
         return ImageSpec(**state["image"])
     try:
-        return ImageSpec.of(read_manifest(cfg.data.train_pack))
+        return read_manifest(cfg.data.train_pack).image
     except HmamlError as exc:
         raise HmamlError(f"the checkpoint predates saved image specs and the run's training "
                          f"pack cannot be read: {exc}") from None

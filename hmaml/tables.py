@@ -99,7 +99,7 @@ def steps_table(maml_run: str | Path, hypermaml_run: str | Path, *, steps: Seque
         raise HmamlError(f"--steps {list(steps)}: need one or more step counts >= 0")
     maml, hyper = _method_of(maml_run, "maml"), _method_of(hypermaml_run, "hypermaml")
     data = maml.stored_config().data
-    dataset = read_manifest(data.eval_pack or data.train_pack)["dataset"]
+    dataset = read_manifest(data.eval_pack or data.train_pack).dataset
     paper = PAPER_STEPS.get(dataset, {})
     rows = []
     for model, run, k in [*(("MAML", maml.path, k) for k in steps),

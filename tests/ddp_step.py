@@ -37,12 +37,12 @@ def main(out: str, method_name: str, grad_accum: int, pack: str) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = make_plan(cfg, world)
     steps = plan.rank_steps(rank)
-    image = read_manifest(pack)["image"]
+    image = read_manifest(pack).image
     loader = train_loader(pack, "train", n_way=4, n_shot=1, n_query=3, tasks_per_batch=1,
                           episodes=100, seed=7, rank=rank, world_size=world,
                           batches=[mb.tasks for step in steps for mb in step])
     torch.manual_seed(0)
-    method = build_method(cfg.method, build_encoder("conv4", image["channels"], image["size"]), 4)
+    method = build_method(cfg.method, build_encoder("conv4", image.channels, image.size), 4)
     method.set_epoch(2)  # HyperMAML: p = 0.5, both update paths carry gradient
     method.double()  # float64: the comparison then rests on the semantics, not on rounding
     # SGD, not Adam: some HyperMAML parameters get an exactly-zero gradient in exact arithmetic

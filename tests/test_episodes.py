@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -276,7 +277,8 @@ def test_eval_episodes_fixed_and_splittable(pack: Path) -> None:
     # the test protocol's repeats, and another split of the same shape: independent lists
     assert specs != eval_episodes(manifest, "val", n_way=5, n_shot=1, n_query=4, n_episodes=30,
                                   seed=7, repeat=1)
-    renamed = {**manifest, "splits": {**manifest["splits"], "test": manifest["splits"]["val"]}}
+    renamed = dataclasses.replace(manifest, splits={**manifest.splits,
+                                                    "test": manifest.splits["val"]})
     assert [s.classes for s in specs] != [s.classes for s in eval_episodes(
         renamed, "test", n_way=5, n_shot=1, n_query=4, n_episodes=30, seed=7)]
     for spec in specs:

@@ -1,8 +1,9 @@
 """The MLflow UI, seen in a real browser: a finished sweep logged through ``Tracker`` (a parent run
 and three child runs) is served by ``mlflow server`` and opened in headless Chromium. The children
 must appear only once the parent's row is unfolded, and a child's page must show its parent, its
-parameters and its metric. Needs Debian's ``chromium``, ``node`` and ``npm ci --prefix tests/ui``;
-skips, naming what is missing, otherwise."""
+parameters and its metric. The link a finished training run prints, opened as printed, must show
+the runs table with the run's ``test_acc`` as a column. Needs Debian's ``chromium``, ``node`` and
+``npm ci --prefix tests/ui``; skips, naming what is missing, otherwise."""
 
 from __future__ import annotations
 
@@ -154,11 +155,14 @@ def test_sweep_runs_nest_under_their_parent_in_the_ui(tmp_path: Path) -> None:
     assert f"tracking.run_name\n{OPEN_CHILD}" in text
 
 
-def test_the_printed_link_opens_on_the_runs_table(tmp_path: Path, capsys) -> None:
-    """The end-of-run line's MLflow link, opened exactly as printed, shows the runs table with
-    the run (not MLflow 3's empty GenAI overview)."""
+def test_the_printed_link_opens_on_the_runs_table_with_test_acc(tmp_path: Path,
+                                                                   capsys) -> None:
+    """The end-of-run line's MLflow link, opened exactly as printed, shows the runs table (not
+    MLflow 3's empty GenAI overview) in hmaml's saved view: the run's test accuracy is a column
+    in the window, no click needed (MLflow's default columns have no metric)."""
     from hmaml.data.pack import pack_dataset
     from hmaml.train.loop import train
+    from hmaml.train.tracking import VIEW_KEY, VIEW_METRICS
     from tests.train_fixtures import tiny_config
 
     store = tmp_path / "mlruns.db"
@@ -168,17 +172,19 @@ def test_the_printed_link_opens_on_the_runs_table(tmp_path: Path, capsys) -> Non
     cfg = tiny_config(pack, tmp_path / "run", **{
         "tracking.enabled": True, "tracking.uri": f"sqlite:///{store}",
         "tracking.ui_url": f"http://127.0.0.1:{port}", "tracking.system_metrics": False})
-    train(cfg)
+    result = train(cfg)
+    assert result.test is not None
+    test_acc = result.test["test_acc"]
     printed = capsys.readouterr().out
     [link] = re.findall(r"MLflow: (\S+)", printed)
-    assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/")
-    assert "?workflowType=machine_learning" in link
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/#/experiments/\d+/runs\?"
+                        rf"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}", link)
     assert f"mlflow ui --backend-store-uri sqlite:///{store}" in printed
     shot = tmp_path / "first_view.png"
     with _mlflow_server(store, tmp_path / "artifacts", tmp_path / "server.log", port) as url:
         assert link.startswith(url)
-        options = {"url": link, "run": "quickstart", "screenshot": str(shot),
-                   "user_data": str(tmp_path / "chromium-profile"),
+        options = {"url": link, "run": "quickstart", "column": "test_acc",
+                   "screenshot": str(shot), "user_data": str(tmp_path / "chromium-profile"),
                    "chromium": shutil.which("chromium")}
         done = subprocess.run(["node", str(UI_DIR / "first_view.js"), json.dumps(options)],
                               cwd=UI_DIR, capture_output=True, text=True, timeout=90,
@@ -189,3 +195,11 @@ def test_the_printed_link_opens_on_the_runs_table(tmp_path: Path, capsys) -> Non
     # the runs table in model-training mode, not MLflow 3's empty GenAI overview
     assert "Run Name" in seen["headers"] and "No data available" not in seen["text"]
     assert "Model training" in seen["text"] and "1 matching run" in seen["text"]
+    # hmaml's view was applied (an unknown key would show an error and the default columns)
+    assert "share key" not in seen["text"] and f"viewStateShareKey={VIEW_KEY}" in seen["url"]
+    # its metric columns are in the window, with the run's test accuracy in its row
+    for name in VIEW_METRICS:
+        assert name in seen["headers"], (name, seen["headers"])
+    cell = seen["cells"].get("metrics.`test_acc`")
+    assert cell is not None, seen["cells"]
+    assert float(cell) == pytest.approx(test_acc, rel=1e-9)

@@ -47,7 +47,7 @@ def omniglot_small(tmp_path):
 def test_real_omniglot_pack_end_to_end(tmp_path, omniglot_small):
     out = tmp_path / "shards" / "omni"
     manifest = pack_dataset("omniglot", omniglot_small, out, progress=False, workers=2)
-    assert manifest == read_manifest(out)
+    assert manifest == read_manifest(out).data
     assert manifest["image"] == {"size": 28, "channels": 1, "stored_size": 28,
                                  "pipeline": "characters"}
     assert {s: len(v["classes"]) for s, v in manifest["splits"].items()} == {
@@ -139,10 +139,10 @@ def test_repack_is_a_noop_and_a_different_pack_needs_force(tmp_path, capsys):
     assert (out / MANIFEST_NAME).stat().st_mtime_ns == stamp
     with pytest.raises(HmamlError, match="pass --force"):
         _folder_pack(tmp_path, out, shard_bytes=2000)
-    assert read_manifest(out) == first
+    assert read_manifest(out).data == first
     forced = _folder_pack(tmp_path, out, shard_bytes=2000, force=True)
     assert forced["fingerprint"] != first["fingerprint"]
-    assert read_manifest(out) == forced
+    assert read_manifest(out).data == forced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "pack"]
 
 
@@ -167,7 +167,7 @@ def test_failed_forced_repack_keeps_the_old_pack(tmp_path):
     (tmp_path / "data" / "c3" / "001.png").write_bytes(b"garbage")
     with pytest.raises(HmamlError, match=r"001\.png"):
         _folder_pack(tmp_path, out, force=True)
-    assert verify_pack(out, full=True) == first
+    assert verify_pack(out, full=True).data == first
 
 
 def test_small_class_refused_or_dropped_and_listed(tmp_path):
@@ -227,8 +227,8 @@ def test_command_line_pack_verify_and_errors(tmp_path, capsys):
             "--size", "8", "--channels", "1", "--quiet", "--workers", "1"]
     assert main(args) == 0
     assert "train: 1 classes, 2 images" in capsys.readouterr().out
-    assert read_manifest(out)["image"] == {"size": 8, "channels": 1, "stored_size": 8,
-                                           "pipeline": "characters"}
+    assert read_manifest(out).image.as_dict() == {"size": 8, "channels": 1, "stored_size": 8,
+                                                  "pipeline": "characters"}
     assert main(["verify", str(out), "--full"]) == 0
     assert main(["folder", "--src", str(tmp_path / "none"), "--out", str(out),
                  "--split-rule", "ratio:1,0,0", "--quiet"]) == 2
@@ -270,7 +270,7 @@ def test_natural_packs_store_images_above_the_input_size(tmp_path):
     assert classes[0].shape == (2, 126, 126, 3)
     assert main(["cub", "--src", str(tree), "--out", str(tmp_path / "b"), "--store-size", "100",
                  "--quiet", "--workers", "1"]) == 0
-    assert read_manifest(tmp_path / "b")["image"]["stored_size"] == 100
+    assert read_manifest(tmp_path / "b").image.stored_size == 100
     with pytest.raises(HmamlError, match="store_size=64 is below the input size 84"):
         pack_dataset("cub", tree, tmp_path / "c", progress=False, store_size=64)
 

@@ -186,8 +186,8 @@ def test_a_training_run_from_http_equals_the_local_run(tiny_pack: Path, served, 
     manifest = read_manifest(tiny_pack)
     folder = PackStore.of(url, cache_dir=cache).cache_folder(manifest)
     cached = sorted(p.name for p in folder.iterdir())
-    assert cached == sorted([MANIFEST_NAME] + [s["file"] for split in manifest["splits"].values()
-                                               for s in split["shards"]])
+    assert cached == sorted([MANIFEST_NAME] + [s.file for split in manifest.splits.values()
+                                               for s in split.shards])
     shard = folder / "train-000000.tar"
     assert sha256_file(shard) == sha256_file(tiny_pack / shard.name)
 

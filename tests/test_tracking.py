@@ -3,6 +3,7 @@ the same run, a dead server costs one warning and no exception, and the learning
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import warnings
@@ -15,7 +16,17 @@ import pytest
 from hmaml.config import flatten, load_config
 from hmaml.plots import lr_drops, phase_spans, plot_learning_curve
 from hmaml.train.rundir import RunDir
-from hmaml.train.tracking import NullTracker, Tracker, make_tracker
+from hmaml.train.tracking import (
+    VIEW_KEY,
+    VIEW_METRICS,
+    VIEW_NAME,
+    NullTracker,
+    Tracker,
+    make_tracker,
+    open_sweep_run,
+    run_ui_link,
+    ui_link,
+)
 
 
 @contextmanager
@@ -181,13 +192,86 @@ def test_system_metrics_are_sampled_while_the_run_is_open(store: Path, tmp_path:
 
 
 def test_ui_links_land_on_the_runs_table_of_the_store_that_holds_them() -> None:
-    from hmaml.train.tracking import serve_hint, ui_link
+    from hmaml.train.tracking import serve_hint
 
     local = ui_link("sqlite:///runs/mlruns.db", "7")
-    assert local == "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    assert local == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+                     "&viewStateShareKey=hmaml-accuracy")
     assert serve_hint("sqlite:///runs/mlruns.db") == (
         "mlflow ui --backend-store-uri sqlite:///runs/mlruns.db")
-    server = ui_link("https://mlflow.lab:8443/", "3")
-    assert server == "https://mlflow.lab:8443/#/experiments/3?workflowType=machine_learning"
+    server = ui_link("https://mlflow.lab:8443/", "3", view=False)
+    assert server == "https://mlflow.lab:8443/#/experiments/3/runs?workflowType=machine_learning"
     assert serve_hint("https://mlflow.lab:8443/") == ""
     assert ui_link("sqlite:///x.db", "1", "http://gpu7:5050").startswith("http://gpu7:5050/#/")
+
+
+def _view_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "could not be saved" in str(w.message)]
+
+
+def test_the_experiment_holds_the_view_the_link_opens(store: Path, tmp_path: Path) -> None:
+    """Starting a run saves hmaml's view of the runs table in its experiment once (a view since
+    changed in the UI is kept), in the saved-view format MLflow 3.17's UI reads; the link names
+    it. A sweep summary's link saves it too."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{store}"
+    key = f"mlflow.sharedViewState.{VIEW_KEY}"
+    cfg = load_config("quickstart", [f"tracking.uri={uri}", "tracking.experiment=view"])
+    client = MlflowClient(tracking_uri=uri)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = Tracker()
+        run_id = first.start(cfg, tmp_path / "a")
+        first.end()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        value = client.get_experiment(experiment_id).tags[key]
+        time.sleep(0.01)
+        second = Tracker()
+        second.start(cfg, tmp_path / "b")
+        second.end()
+    assert not _view_warnings(caught)
+    assert first.link == second.link == ui_link(uri, experiment_id)
+    assert first.link.endswith(f"&viewStateShareKey={VIEW_KEY}")
+    assert client.get_experiment(experiment_id).tags[key] == value  # not rewritten
+    envelope = json.loads(value)
+    assert envelope["name"] == VIEW_NAME and isinstance(envelope["createdAt"], int)
+    assert json.loads(envelope["state"]) == {
+        "selectedColumns": [f"metrics.`{name}`" for name in VIEW_METRICS]}
+    assert "test_acc" in VIEW_METRICS
+
+    # a view changed (saved over) in the UI is the user's: kept as it is
+    client.set_experiment_tag(experiment_id, key, "theirs")
+    third = Tracker()
+    third.start(cfg, tmp_path / "c")
+    third.end()
+    assert client.get_experiment(experiment_id).tags[key] == "theirs"
+
+    # a sweep's parent run in a new experiment: its summary link saves the view
+    parent = open_sweep_run(uri, "view-sweep", "sweep", None, {}, {})
+    assert parent is not None
+    link = run_ui_link(uri, parent)
+    sweep_experiment = client.get_run(parent).info.experiment_id
+    assert link == ui_link(uri, sweep_experiment)
+    assert key in client.get_experiment(sweep_experiment).tags
+
+
+def test_a_view_that_cannot_be_saved_warns_and_the_run_goes_on(store: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError("experiment tags are read-only")
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", refused)
+    uri = f"sqlite:///{store}"
+    cfg = load_config("quickstart", [f"tracking.uri={uri}", "tracking.experiment=no-view"])
+    tracker = Tracker()
+    with pytest.warns(RuntimeWarning, match="could not be saved.*read-only"):
+        run_id = tracker.start(cfg, tmp_path / "run")
+    assert run_id and tracker.active  # tracking goes on
+    assert tracker.link and "viewStateShareKey" not in tracker.link  # MLflow's default columns
+    with no_tracking_warning():
+        tracker.log_metrics({"test_acc": 50.0}, step=1)
+        tracker.end()
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics == {"test_acc": 50.0}

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "verify":
         manifest = verify_pack(args.pack_dir, args.split, full=args.full)
-        shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+        shards = sum(len(s.shards) for s in manifest.splits.values())
         print(f"{args.pack_dir}: {shards} shards OK ({'sha256' if args.full else 'sizes'})")
     elif args.command == "download":
         expect = dict(item.split("=", 1) for item in args.expect if "=" in item)

@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from hmaml.data.format import ImageSpec, decode_class_record, split_classes, split_parts
+from hmaml.data.format import ImageSpec, Manifest, ShardEntry, decode_class_record, split_parts
 from hmaml.data.store import PackStore, RemotePolicy, open_location
 from hmaml.data.transforms import Transform, build_transform
 from hmaml.errors import HmamlError
@@ -65,18 +65,18 @@ def _generator(*keys: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard: where it is read from (its file name in the manifest; after
-    :func:`check_shard_files` a local path or a URL), the labels ``first .. first + classes - 1``
-    it holds, its size and sha256 per the manifest, ``base``: what its split's labels are offset
-    by in a split union (label ``l`` of the shard's own split is label ``base + l`` of the union),
-    and how a remote shard is read."""
+    """One shard of a split as the sampler reads it: its manifest entry, where it is read from
+    (after :func:`check_shard_files`: a local path or a URL), the labels ``first .. first +
+    classes - 1`` it holds, ``base``: what its split's labels are offset by in a split union
+    (label ``l`` of the shard's own split is label ``base + l`` of the union), and how a remote
+    shard is read."""
 
     path: Path | str
     first: int
     classes: int
     bytes: int = -1
     base: int = 0
-    sha256: str = ""
+    entry: ShardEntry | None = None
     policy: RemotePolicy = dataclasses.field(default_factory=RemotePolicy)
 
 
@@ -101,25 +101,25 @@ class SplitInfo:
         return self.counts * int(np.prod(self.image_shape))
 
 
-def split_info(manifest: dict[str, Any], split: str) -> SplitInfo:
+def split_info(manifest: Manifest, split: str) -> SplitInfo:
     """The classes and shards of ``split`` (or of a union ``a+b``, labels numbered part after
     part) from a manifest; refuse a split it lacks."""
-    split_classes(manifest, split)  # every part exists
-    names, counts, infos = [], [], []
+    manifest.split_classes(split)  # every part exists
+    names: list[str] = []
+    counts: list[int] = []
+    infos = []
     for part in split_parts(split):
-        classes, shards = manifest["splits"][part]["classes"], manifest["splits"][part]["shards"]
+        entry = manifest.splits[part]
         base = first = len(names)
-        for shard in shards:
-            infos.append(ShardInfo(shard["file"], first, int(shard["classes"]),
-                                   int(shard["bytes"]), base, shard["sha256"]))
-            first += int(shard["classes"])
-        if first - base != len(classes):
+        for shard in entry.shards:
+            infos.append(ShardInfo(shard.file, first, shard.classes, shard.bytes, base, shard))
+            first += shard.classes
+        if first - base != len(entry.classes):
             raise HmamlError(f"manifest split {part!r}: shards hold {first - base} classes but "
-                             f"the class list has {len(classes)}")
-        names += [c["name"] for c in classes]
-        counts += [int(c["count"]) for c in classes]
-    return SplitInfo(split, names, np.array(counts, dtype=np.int64), ImageSpec.of(manifest),
-                     infos)
+                             f"the class list has {len(entry.classes)}")
+        names += [c.name for c in entry.classes]
+        counts += [c.count for c in entry.classes]
+    return SplitInfo(split, names, np.array(counts, dtype=np.int64), manifest.image, infos)
 
 
 def check_episode_shape(info: SplitInfo, n_way: int, n_shot: int, n_query: int) -> None:
@@ -138,13 +138,12 @@ def check_episode_shape(info: SplitInfo, n_way: int, n_shot: int, n_query: int) 
                          + (f" ({short.size} such classes)" if short.size > 1 else ""))
 
 
-def check_shard_files(store: PackStore, manifest: dict[str, Any],
+def check_shard_files(store: PackStore, manifest: Manifest,
                       info: SplitInfo) -> list[ShardInfo]:
     """Every shard of the split passes the pack's shard check (local: exists with the manifest's
     size; remote and cached: fetched, size and sha256; remote: its size is checked as it is
     read). Returns the shards with where to read them."""
-    return [dataclasses.replace(shard, path=store.check_shard(str(shard.path), shard.bytes,
-                                                              shard.sha256, manifest),
+    return [dataclasses.replace(shard, path=store.check_shard(shard.entry, manifest),
                                 policy=store.policy)
             for shard in info.shards]
 
@@ -479,7 +478,7 @@ def split_key(split: str) -> int:
     return zlib.crc32(split.encode())
 
 
-def eval_episodes(manifest: dict[str, Any], split: str, *, n_way: int, n_shot: int,
+def eval_episodes(manifest: Manifest, split: str, *, n_way: int, n_shot: int,
                   n_query: int, n_episodes: int, seed: int, repeat: int = 0
                   ) -> list[EpisodeSpec]:
     """The fixed evaluation episodes of a split: a function of the manifest's class counts,

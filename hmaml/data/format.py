@@ -39,16 +39,6 @@ def split_parts(split: str) -> list[str]:
     return split.split("+")
 
 
-def split_classes(manifest: dict[str, Any], split: str) -> int:
-    """Classes in ``split`` (a union: the sum of its parts); a missing part is an error."""
-    splits = manifest.get("splits", {})
-    for part in split_parts(split):
-        if part not in splits:
-            raise HmamlError(f"split {part!r} is not in the pack (it has: "
-                             f"{', '.join(sorted(splits)) or 'none'})")
-    return sum(len(splits[part]["classes"]) for part in split_parts(split))
-
-
 @dataclass(frozen=True)
 class ImageSpec:
     """A pack's images: the model's input side ``size``, ``channels``, the side they are stored
@@ -59,14 +49,76 @@ class ImageSpec:
     stored_size: int
     pipeline: str
 
-    @classmethod
-    def of(cls, manifest: dict[str, Any]) -> ImageSpec:
-        image = manifest["image"]
-        return cls(int(image["size"]), int(image["channels"]), int(image["stored_size"]),
-                   str(image["pipeline"]))
-
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class of a split: its split-local label, name and image count."""
+
+    label: int
+    name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard file of a split: the classes (records) and images it holds, its size, sha256."""
+
+    file: str
+    sha256: str
+    classes: int
+    images: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    """A split's classes in label order and the shards that hold them in that order."""
+
+    classes: tuple[ClassInfo, ...]
+    shards: tuple[ShardEntry, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A pack's manifest, read once and checked: what every consumer of a pack reads (``data``
+    keeps the whole JSON document, e.g. its ``sources`` and ``options``)."""
+
+    dataset: str
+    image: ImageSpec
+    splits: dict[str, SplitManifest]
+    fingerprint: str
+    data: dict[str, Any]
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+        """The typed manifest of a JSON document (version already checked); a missing or
+        malformed entry is one line naming ``where`` and the entry."""
+        try:
+            splits = {name: SplitManifest(
+                tuple(ClassInfo(int(c["label"]), str(c["name"]), int(c["count"]))
+                      for c in split["classes"]),
+                tuple(ShardEntry(str(s["file"]), str(s["sha256"]), int(s["classes"]),
+                                 int(s["images"]), int(s["bytes"])) for s in split["shards"]))
+                for name, split in data["splits"].items()}
+            image = data["image"]
+            spec = ImageSpec(int(image["size"]), int(image["channels"]),
+                             int(image["stored_size"]), str(image["pipeline"]))
+            return cls(str(data["dataset"]), spec, splits, str(data.get("fingerprint", "")),
+                       data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise HmamlError(f"{where}: malformed manifest ({type(exc).__name__}: {exc}); "
+                             "re-pack the dataset") from None
+
+    def split_classes(self, split: str) -> int:
+        """Classes in ``split`` (a union: the sum of its parts); a missing part is an error."""
+        for part in split_parts(split):
+            if part not in self.splits:
+                raise HmamlError(f"split {part!r} is not in the pack (it has: "
+                                 f"{', '.join(sorted(self.splits)) or 'none'})")
+        return sum(len(self.splits[part].classes) for part in split_parts(split))
 
 
 def shard_name(split: str, index: int) -> str:

@@ -95,9 +95,9 @@ def run(shards: str | None, way: int, shot: int, query: int, workers: int,
                  tasks_per_batch=tasks_per_batch, seconds=seconds)
     if shards is not None:
         manifest = read_manifest(shards)
-        splits = manifest["splits"]
+        splits = manifest.splits
         split = "train" if "train" in splits else next(iter(splits), "train")
-        results["pack"] = f"{manifest['dataset']}/{split}"
+        results["pack"] = f"{manifest.dataset}/{split}"
         results["pack_eps"], results["pack_startup_s"] = measure(shards, split, augment=augment,
                                                                  **shape)
     with tempfile.TemporaryDirectory(prefix="hmaml-loader-bench-") as tmp:

@@ -29,6 +29,7 @@ from hmaml.data.format import (
     MANIFEST_NAME,
     PACK_VERSION,
     SPLITS,
+    Manifest,
     encode_class_record,
     sha256_file,
     shard_name,
@@ -166,14 +167,14 @@ def _check_target(out: Path, fp: str, force: bool) -> dict[str, Any] | None:
             old = read_manifest(out)
         except HmamlError:
             old = None
-        if old is not None and old.get("fingerprint") == fp and not force:
+        if old is not None and old.fingerprint == fp and not force:
             try:
                 verify_pack(out)
             except HmamlError as exc:
                 raise HmamlError(f"{exc}; pass --force to pack again") from exc
-            return old
+            return old.data
         if not force:
-            what = f"a pack of {old.get('dataset')!r}" if old else "an unreadable pack"
+            what = f"a pack of {old.dataset!r}" if old else "an unreadable pack"
             raise HmamlError(f"{out}: holds {what} made from other sources or options; "
                              "pass --force to replace it")
     elif any(out.iterdir()) and not force:
@@ -244,7 +245,7 @@ def pack_dataset(dataset: str, src: str | Path | None, out: str | Path, *, force
 
 
 def verify_pack(pack: str | Path | PackStore, split: str | None = None, *, full: bool = False
-                ) -> dict[str, Any]:
+                ) -> Manifest:
     """Check a pack's shards against its manifest (local or remote); returns the manifest.
 
     Cheap by default (every shard exists with the recorded size: catches a missing or truncated
@@ -252,12 +253,11 @@ def verify_pack(pack: str | Path | PackStore, split: str | None = None, *, full:
     """
     store = PackStore.of(pack)
     manifest = store.read_manifest()
-    splits = manifest.get("splits", {})
+    splits = manifest.splits
     if split is not None and split not in splits:
         raise HmamlError(f"{store.location}: no split {split!r} in this pack "
                          f"(it has: {', '.join(splits) or 'none'})")
     for name in [split] if split is not None else list(splits):
-        for shard in splits[name]["shards"]:
-            store.check_shard(shard["file"], int(shard["bytes"]), shard["sha256"], manifest,
-                              full=full)
+        for shard in splits[name].shards:
+            store.check_shard(shard, manifest, full=full)
     return manifest

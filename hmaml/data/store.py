@@ -35,7 +35,7 @@ from typing import IO, Any
 import fsspec
 from webdataset import gopen
 
-from hmaml.data.format import MANIFEST_NAME, PACK_VERSION, sha256_file
+from hmaml.data.format import MANIFEST_NAME, PACK_VERSION, Manifest, ShardEntry, sha256_file
 from hmaml.errors import HmamlError
 from hmaml.files import write_atomic
 from hmaml.log import LOGGER
@@ -218,7 +218,7 @@ class PackStore:
         with self.open(MANIFEST_NAME) as handle:
             return handle.read()
 
-    def read_manifest(self) -> dict[str, Any]:
+    def read_manifest(self) -> Manifest:
         """Load and check the manifest; refuse another pack version."""
         where = self.where(MANIFEST_NAME)
         try:
@@ -230,16 +230,17 @@ class PackStore:
             raise HmamlError(f"{where}: pack_version {version!r} is not the supported "
                              f"{PACK_VERSION}; re-pack the dataset with this version of hmaml "
                              "(hmaml pack <dataset> ... --force)")
-        return manifest
+        return Manifest.parse(manifest, where)
 
     # ------------------------------------------------------------------------- the shard check
 
-    def check_shard(self, name: str, size: int, digest: str, manifest: dict[str, Any], *,
+    def check_shard(self, shard: ShardEntry, manifest: Manifest, *,
                     full: bool = False) -> Path | str:
         """The one shard check (``pack verify`` and the episode streams alike). Returns where to
         read the shard: a local path, checked for its size (and sha256 with ``full``); a cached
         copy of a remote shard, checked for size and sha256; or, remote without a cache, its URL
         (size checked while it is read; hashed now with ``full``)."""
+        name, size, digest = shard.file, shard.bytes, shard.sha256
         if not self.remote:
             path = Path(self.where(name))
             _check_file(path, size, digest if full else None, str(path))
@@ -256,12 +257,12 @@ class PackStore:
                                  f"from the manifest's {digest} (modified or corrupt)")
         return self.where(name)
 
-    def cache_folder(self, manifest: dict[str, Any]) -> Path:
+    def cache_folder(self, manifest: Manifest) -> Path:
         """Where this pack's shards are cached: one folder per dataset and pack fingerprint."""
         assert self.cache_dir is not None
-        return self.cache_dir / f"{manifest['dataset']}-{manifest['fingerprint'][:16]}"
+        return self.cache_dir / f"{manifest.dataset}-{manifest.fingerprint[:16]}"
 
-    def _cached(self, name: str, size: int, digest: str, manifest: dict[str, Any]) -> Path:
+    def _cached(self, name: str, size: int, digest: str, manifest: Manifest) -> Path:
         folder = self.cache_folder(manifest)
         path = folder / name
         if path.is_file():
@@ -301,7 +302,7 @@ def _check_file(path: Path, size: int, digest: str | None, label: str) -> None:
                          "(modified or corrupt); re-pack the dataset")
 
 
-def read_manifest(location: str | Path | PackStore) -> dict[str, Any]:
+def read_manifest(location: str | Path | PackStore) -> Manifest:
     """The manifest of the pack at ``location`` (a folder, URL or :class:`PackStore`)."""
     return PackStore.of(location).read_manifest()
 

@@ -7,13 +7,12 @@ training exactly as it is re-tested later.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from hmaml.config import Config
 from hmaml.data.episodes import EvalLoader, eval_loader
-from hmaml.data.format import MANIFEST_NAME, ImageSpec, split_classes
+from hmaml.data.format import MANIFEST_NAME, ImageSpec, Manifest
 from hmaml.data.store import PackStore, RemotePolicy
 from hmaml.errors import HmamlError
 from hmaml.methods import Method, build_method
@@ -28,13 +27,13 @@ class Packs:
 
     train: PackStore
     eval: PackStore
-    train_manifest: dict[str, Any]
-    eval_manifest: dict[str, Any]
+    train_manifest: Manifest
+    eval_manifest: Manifest
 
     @property
     def image(self) -> ImageSpec:
         """Image size and channels, which fix the encoder's shapes (the training pack's)."""
-        return ImageSpec.of(self.train_manifest)
+        return self.train_manifest.image
 
 
 def open_packs(cfg: Config, *, train: bool = True) -> Packs:
@@ -51,7 +50,7 @@ def open_packs(cfg: Config, *, train: bool = True) -> Packs:
     for pack, manifest, splits in wanted:
         for split in splits:
             try:
-                split_classes(manifest, split)
+                manifest.split_classes(split)
             except HmamlError as exc:
                 raise HmamlError(f"{pack.where(MANIFEST_NAME)}: {exc}") from None
     return Packs(train_pack, eval_pack, train_manifest, eval_manifest)

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from hmaml.config import Config, fingerprint, to_yaml
 from hmaml.data.episodes import train_loader
-from hmaml.data.format import split_classes
 from hmaml.data.store import PackStore
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
@@ -490,15 +489,18 @@ def milestones(cfg: Config, epoch: int) -> dict[str, int]:
 def _header(trainer: Trainer, changes: list[str]) -> str:
     cfg, acc = trainer.cfg, trainer.acc
     tm, em = trainer.packs.train_manifest, trainer.packs.eval_manifest
-    count = split_classes
     lines = [
         f"hmaml · {cfg.name}: {cfg.method.name} + {cfg.model.encoder}, {cfg.data.n_way}-way "
         f"{cfg.data.n_shot}-shot",
         f"  processes {acc.num_processes} on {acc.device} ({trainer.plan.engine}), "
         f"encoder precision {trainer.precision}, host {socket.gethostname()}",
-        f"  data: {tm['dataset']} {cfg.data.train_split} {count(tm, cfg.data.train_split)} "
-        f"classes -> {em['dataset']} {cfg.data.val_split} {count(em, cfg.data.val_split)} / "
-        f"{cfg.data.test_split} {count(em, cfg.data.test_split)} classes",
+        f"  data: {tm.dataset} {cfg.data.train_split} {tm.split_classes(cfg.data.train_split)} "
+        f"classes -> {em.dataset} {cfg.data.val_split} {em.split_classes(cfg.data.val_split)} / "
+        f"{cfg.data.test_split} {em.split_classes(cfg.data.test_split)} classes",
+        *(f"  {key} read from {pack.location}" + (f", cached in {pack.cache_dir}"
+                                                  if pack.cache_dir else "")
+          for key, pack in (("train pack", trainer.packs.train),
+                            ("eval pack", trainer.packs.eval)) if pack.remote),
         f"  budget: {cfg.train.epochs} epochs x {cfg.train.episodes_per_epoch} episodes",
         *(f"  {line}" for line in trainer.plan.lines()[1:]),
         f"  run dir: {trainer.rd.path}",
@@ -587,7 +589,8 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
         [round(float(a), 6) for a in r.accuracies] for r in report.repeats]})
     curve = plot_learning_curve(trainer.history, rd.learning_curve) if trainer.history else None
     tracker.log_metrics({"test_acc": report.mean, "test_std": report.std,
-                         "test_ci95": report.ci95, "tested_p": report.tested_p},
+                         "test_ci95": report.ci95, "tested_p": report.tested_p,
+                         "best_val_acc": trainer.best_val},
                         step=trainer.epoch)
     tracker.set_tags({"test.tested_p": report.tested_p, "test.repeats": len(report.repeats),
                       "test.reached_p0": report.reached_p0})

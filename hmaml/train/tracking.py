@@ -8,11 +8,14 @@ run goes on with its local files (checkpoints, history, plots in ``run_dir``).
 What a run holds: every config key as a param (dotted, values cut to MLflow's length limit),
 tags (git commit, host, hmaml version, plus the caller's: world size, pack fingerprints, ...),
 the caller's metrics by step and artifacts. A resumed training run continues the same MLflow run:
-its id is kept in ``run_dir/mlflow_run_id.txt``.
+its id is kept in ``run_dir/mlflow_run_id.txt``. The experiment gets one tag, hmaml's saved view
+of the runs table (:func:`ensure_view`), which the printed link (:func:`ui_link`) opens; failing
+to set it costs a warning and the view, not the tracking.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -44,6 +47,16 @@ _PROBE_TIMEOUT_S = 5.0
 DEFAULT_UI = "http://127.0.0.1:5000"
 #: Seconds between samples of MLflow's system metrics (one background thread, psutil).
 SYSTEM_METRICS_EVERY_S = 10.0
+#: The saved view of the runs table that hmaml's link opens: its key (URL parameter
+#: ``viewStateShareKey``), the name the UI's "Views" menu lists, and its metric columns (the
+#: test's mean accuracy and 95 % CI, the best validation accuracy, the checkpoint tested).
+VIEW_KEY = "hmaml-accuracy"
+VIEW_NAME = "hmaml: accuracy"
+VIEW_METRICS = ("test_acc", "test_ci95", "best_val_acc")
+# MLflow 3.17's UI keeps a saved view in this experiment tag + key; the value is an envelope
+# {name, createdAt, updatedAt, state}, ``state`` being the JSON text of the runs page's state
+# (its fields left out take their defaults). A column is "<group>.`<key>`".
+_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -52,15 +65,44 @@ def tracking_uri(cfg: Config) -> str:
             or f"sqlite:///{Path.cwd() / 'mlruns.db'}")
 
 
-def ui_link(uri: str, experiment_id: str, ui_url: str | None = None) -> str:
-    """The MLflow UI page listing an experiment's runs, in model-training mode.
+def ui_link(uri: str, experiment_id: str, ui_url: str | None = None, view: bool = True) -> str:
+    """The MLflow UI's runs table of an experiment, in model-training mode, in hmaml's view.
 
     MLflow 3 opens an experiment on an empty GenAI overview ("No data available") unless the URL
-    asks for ``workflowType=machine_learning``, which lands on the runs table. The UI is the
-    server itself for an http(s) store, else where ``mlflow ui`` serves it (``ui_url``).
+    asks for ``workflowType=machine_learning``. ``view`` adds ``viewStateShareKey`` (the saved
+    view :func:`ensure_view` writes), which shows the :data:`VIEW_METRICS` columns; the path
+    names the runs tab because the redirect from the bare experiment page drops that parameter.
+    The UI is the server itself for an http(s) store, else where ``mlflow ui`` serves it
+    (``ui_url``).
     """
     base = ui_url or (uri if urlparse(uri).scheme in ("http", "https") else DEFAULT_UI)
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    link = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return link + (f"&viewStateShareKey={VIEW_KEY}" if view else "")
+
+
+def view_tag() -> tuple[str, str]:
+    """The experiment tag (key, value) of hmaml's saved view of the runs table."""
+    state = {"selectedColumns": [f"metrics.`{name}`" for name in VIEW_METRICS]}
+    now = int(time.time() * 1000)
+    value = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    return _VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(value)
+
+
+def ensure_view(client: Any, experiment_id: str) -> bool:
+    """Save hmaml's view of the runs table in the experiment, unless it holds one already (as
+    written here, or as since changed in the UI). False, with a warning, when the store cannot
+    read or set the tag: the link then opens MLflow's default columns, and the run goes on."""
+    key, value = view_tag()
+    try:
+        if key not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, key, value)
+    except Exception as exc:
+        reason = _reason(exc)
+        warnings.warn(f"MLflow: the runs-table view {VIEW_KEY!r} of experiment {experiment_id} "
+                      f"could not be saved ({type(exc).__name__}: {reason}); the link opens the "
+                      f"default columns", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def serve_hint(uri: str) -> str:
@@ -77,14 +119,16 @@ def ui_line(uri: str, link: str) -> str:
 
 
 def run_ui_link(uri: str, run_id: str, ui_url: str | None = None) -> str | None:
-    """:func:`ui_link` of the experiment that holds ``run_id`` (None if the store cannot say)."""
+    """:func:`ui_link` of the experiment that holds ``run_id`` (None if the store cannot say),
+    its view saved first (:func:`ensure_view`)."""
     try:
         from mlflow import MlflowClient
 
-        experiment_id = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = client.get_run(run_id).info.experiment_id
     except Exception:  # an unreachable store: no link, the summary is printed all the same
         return None
-    return ui_link(uri, experiment_id, ui_url)
+    return ui_link(uri, experiment_id, ui_url, view=ensure_view(client, experiment_id))
 
 
 def make_tracker(cfg: Config, is_main_process: bool) -> Tracker | NullTracker:
@@ -124,7 +168,7 @@ class Tracker:
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.uri: str | None = None
-        self.link: str | None = None  # the UI page of the run's experiment (ui_link)
+        self.link: str | None = None  # the runs table of the run's experiment (ui_link)
         self._client: Any = None
         self._monitor: Any = None
         self._warned = False
@@ -151,7 +195,8 @@ class Tracker:
         if self.active and cfg.tracking.system_metrics:
             self._start_system_metrics(resumed)
         if self.active:
-            self.link = ui_link(self.uri, self._experiment, cfg.tracking.ui_url)
+            view = ensure_view(self._client, self._experiment)
+            self.link = ui_link(self.uri, self._experiment, cfg.tracking.ui_url, view=view)
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -268,10 +313,15 @@ class Tracker:
         self._client = None
         if not self._warned:
             self._warned = True
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            reason = _reason(exc)
             warnings.warn(f"MLflow tracking at {self.uri} is off for the rest of this run "
                           f"({type(exc).__name__}: {reason}); training goes on with its local "
                           f"files", RuntimeWarning, stacklevel=3)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an error's message (its type when empty), cut to 300 characters."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _client(uri: str) -> tuple[Any, Path | None]:
@@ -460,7 +510,7 @@ def run_artifacts(uri: str, run_id: str) -> list[str]:
 
 
 def _warn_sweep(uri: str, exc: BaseException) -> None:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    reason = _reason(exc)
     warnings.warn(f"MLflow tracking at {uri} is unavailable for the sweep's parent run "
                   f"({type(exc).__name__}: {reason}); the trials still run", RuntimeWarning,
                   stacklevel=3)
