@@ -49,3 +49,24 @@ def fake_slurm(folder: Path) -> Path:
     for exe in (sbatch, srun):
         exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     return scripts
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """The runs nested under ``parent_run_id``: id, name, status, params, metrics and tags."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=10_000)
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+             "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+             "tags": dict(r.data.tags)} for r in runs]
+
+
+def run_artifacts(uri: str, run_id: str) -> list[str]:
+    """Paths of the files logged at the top level of a run's artifacts."""
+    from mlflow import MlflowClient
+
+    return sorted(f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id))

@@ -36,7 +36,7 @@ from hmaml.sweep.signals import (
     slurm_job_state,
     still_running,
 )
-from tests.sweep_fixtures import write_sweep
+from tests.sweep_fixtures import child_runs, write_sweep
 from tests.train_fixtures import ROOT, tiny_overrides, tiny_pack
 
 __all__ = ["tiny_pack"]  # the fixture, re-exported for pytest
@@ -187,8 +187,6 @@ def requeued_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_pack: Path
 @pytest.mark.slow
 @needs_slurm
 def test_sweep_is_one_job_array_with_mlflow_child_runs(requeued_sweep: dict) -> None:
-    from hmaml.train.tracking import child_runs
-
     jobs = requeued_sweep["jobs"]
     assert sorted(jobs.values()) == sorted(f"{jobs['calm_seed=0'].split('_')[0]}_{i}"
                                            for i in range(2))  # array id, tasks 0 and 1
@@ -246,8 +244,6 @@ def test_cpu_trial_of_two_tasks_trains_as_world_of_two_and_survives_the_time_lim
     """``tasks_per_node: 2`` without GPUs: two processes that form one gloo group; SIGUSR2 (what
     SLURM sends before the time limit) stops both at one step, submitit requeues, they resume."""
     from hmaml.sweep import submit
-    from hmaml.train.tracking import child_runs
-
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     path = write_sweep(tmp_path, {**PREEMPTIBLE, "executor": {
         "cluster": "slurm", "gpus_per_node": 0, "tasks_per_node": 2, "cpus_per_task": 1,

@@ -24,7 +24,7 @@ from hmaml.sweep import (
 )
 from hmaml.sweep.signals import PreemptionGuard
 from hmaml.train.rundir import RunDir, Status
-from tests.sweep_fixtures import fake_slurm, write_sweep
+from tests.sweep_fixtures import child_runs, fake_slurm, run_artifacts, write_sweep
 from tests.train_fixtures import ROOT, tiny_pack
 
 __all__ = ["tiny_pack"]  # the fixture, re-exported for pytest
@@ -223,16 +223,8 @@ def test_slurm_sweep_logging_to_sqlite_warns_once(tmp_path: Path, cluster: str, 
 # --- running trials (need the training loop) ------------------------------------------------
 
 
-def _child_runs(uri: str, parent: str) -> list[dict]:
-    from hmaml.train.tracking import child_runs
-
-    return child_runs(uri, parent)
-
-
 def test_debug_sweep_gives_child_runs_under_one_parent_and_a_summary(
         tmp_path: Path, tiny_pack: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from hmaml.train.tracking import run_artifacts
-
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     path = write_sweep(tmp_path, {"variants": [
         {"name": "plain", "overrides": {"method.enhance": False}},
@@ -245,7 +237,7 @@ def test_debug_sweep_gives_child_runs_under_one_parent_and_a_summary(
     info = read_sweep_json(sweep_dir)
     assert info["parent_run_id"] == parent and len(info["trials"]) == 4
 
-    children = _child_runs(uri, parent)
+    children = child_runs(uri, parent)
     assert sorted(c["name"] for c in children) == sorted(out["submitted"])
     assert {c["status"] for c in children} == {"FINISHED"}
     enh = next(c for c in children if c["name"] == "enh_seed=1")
@@ -283,7 +275,7 @@ def test_debug_sweep_gives_child_runs_under_one_parent_and_a_summary(
     assert again["submitted"] == {} and len(again["skipped"]) == 4
     assert again["parent_run_id"] == parent
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/test.json")} == mtimes
-    assert len(_child_runs(uri, parent)) == 4
+    assert len(child_runs(uri, parent)) == 4
     assert "0 to run, 4 finished or running" in capsys.readouterr().out
 
 

@@ -23,8 +23,6 @@ from hmaml.train.tracking import (
     NullTracker,
     Tracker,
     make_tracker,
-    open_sweep_run,
-    run_ui_link,
     ui_link,
 )
 
@@ -248,11 +246,14 @@ def test_the_experiment_holds_the_view_the_link_opens(store: Path, tmp_path: Pat
     assert client.get_experiment(experiment_id).tags[key] == "theirs"
 
     # a sweep's parent run in a new experiment: its summary link saves the view
-    parent = open_sweep_run(uri, "view-sweep", "sweep", None, {}, {})
+    sweep = Tracker()
+    sweep.open(uri, "view-sweep", "sweep", {}, start_tags={"hmaml.kind": "sweep"})
+    parent = sweep.run_id
     assert parent is not None
-    link = run_ui_link(uri, parent)
+    later = Tracker()
+    assert later.attach(uri, parent)
     sweep_experiment = client.get_run(parent).info.experiment_id
-    assert link == ui_link(uri, sweep_experiment)
+    assert later.link == sweep.link == ui_link(uri, sweep_experiment)
     assert key in client.get_experiment(sweep_experiment).tags
 
 

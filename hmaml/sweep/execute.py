@@ -23,6 +23,7 @@ from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
 from hmaml.train.plan import make_plan
 from hmaml.train.rundir import RunDir, Status, TrainResult
+from hmaml.train.tracking import Tracker
 
 # submitit's LocalExecutor sends the timeout signal this long before its limit (not settable
 # through AutoExecutor).
@@ -200,16 +201,16 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
 def _parent_run(sweep: Sweep, old: dict[str, Any] | None) -> str | None:
     if not sweep.tracking_enabled:
         return None
-    from hmaml.train.tracking import open_sweep_run
-
     params: dict[str, Any] = {"sweep.base": sweep.spec.base, "sweep.trials": len(sweep.trials)}
     for key in sweep.trials[0].axes:
         values = list(dict.fromkeys(json.dumps(t.axes[key]) for t in sweep.trials))
         params[f"sweep.axis.{key}"] = ", ".join(values)
     tags = {"sweep.name": sweep.name, "sweep.dir": str(sweep.sweep_dir),
             "sweep.file": str(sweep.path.resolve())}
-    return open_sweep_run(sweep.tracking_uri, sweep.experiment, sweep.name,
-                          (old or {}).get("parent_run_id"), params, tags)
+    tracker = Tracker(consequence="the sweep's trials still run, without a parent run")
+    tracker.open(sweep.tracking_uri, sweep.experiment, sweep.name, params, tags,
+                 run_id=(old or {}).get("parent_run_id"), start_tags={"hmaml.kind": "sweep"})
+    return tracker.run_id if tracker.active else None
 
 
 def _trial_tags(sweep: Sweep, trial: Trial) -> dict[str, str]:

@@ -16,6 +16,7 @@ from hmaml.files import read_json
 from hmaml.plots import plot_bars
 from hmaml.sweep.spec import _name_value
 from hmaml.train.rundir import RunDir
+from hmaml.train.tracking import Tracker, ui_line
 
 SWEEP_JSON = "sweep.json"
 STATES = ("pending", "running", "preempted", "finished", "failed")
@@ -176,13 +177,14 @@ def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dic
     _plot(axis_keys, rows, sweep_dir / "summary.png", info["name"])
     paths = [sweep_dir / name for name in SUMMARY_FILES]
     if info.get("parent_run_id"):
-        from hmaml.train.tracking import close_sweep_run, run_ui_link, ui_line
-
-        close_sweep_run(info["tracking_uri"], info["parent_run_id"], paths,
-                        finished=done == len(states))
-        link = run_ui_link(info["tracking_uri"], info["parent_run_id"])
-        if link:
-            echo(ui_line(info["tracking_uri"], link))
+        tracker = Tracker(consequence="the summary stays in the sweep folder")
+        if tracker.attach(info["tracking_uri"], info["parent_run_id"]):
+            for path in paths:
+                tracker.log_artifact(path)
+            if done == len(states):
+                tracker.end("FINISHED")
+            if tracker.link:
+                echo(ui_line(info["tracking_uri"], tracker.link))
     return {"rows": rows, "finished": done, "trials": len(states), "files": paths}
 
 

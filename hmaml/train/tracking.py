@@ -118,19 +118,6 @@ def ui_line(uri: str, link: str) -> str:
     return f"MLflow: {link}" + (f"  (serve it with: {hint})" if hint else "")
 
 
-def run_ui_link(uri: str, run_id: str, ui_url: str | None = None) -> str | None:
-    """:func:`ui_link` of the experiment that holds ``run_id`` (None if the store cannot say),
-    its view saved first (:func:`ensure_view`)."""
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = client.get_run(run_id).info.experiment_id
-    except Exception:  # an unreachable store: no link, the summary is printed all the same
-        return None
-    return ui_link(uri, experiment_id, ui_url, view=ensure_view(client, experiment_id))
-
-
 def make_tracker(cfg: Config, is_main_process: bool) -> Tracker | NullTracker:
     """A real tracker on the main process when tracking is enabled, a no-op one otherwise."""
     return Tracker() if is_main_process and cfg.tracking.enabled else NullTracker()
@@ -161,15 +148,27 @@ class NullTracker:
     def end(self, status: str = "FINISHED") -> None:
         return None
 
+    def open(self, uri: str, experiment: str, name: str, params: Mapping[str, Any],
+             tags: Mapping[str, Any] | None = None, **kw: Any) -> bool:
+        return False
+
+    def attach(self, uri: str, run_id: str, ui_url: str | None = None) -> bool:
+        return False
+
 
 class Tracker:
-    """MLflow run of one training run, through ``MlflowClient`` (no global active-run state)."""
+    """An MLflow run through ``MlflowClient`` (no global active-run state): a training run
+    (:meth:`start`), a sweep's parent run (:meth:`open`), or a run taken up again to add to it
+    (:meth:`attach`). A store that fails costs one warning saying ``consequence``; the caller
+    goes on without tracking."""
 
-    def __init__(self) -> None:
+    def __init__(self, consequence: str = "training goes on with its local files") -> None:
         self.run_id: str | None = None
         self.uri: str | None = None
         self.link: str | None = None  # the runs table of the run's experiment (ui_link)
+        self.consequence = consequence
         self._client: Any = None
+        self._experiment: str | None = None
         self._monitor: Any = None
         self._warned = False
 
@@ -179,25 +178,58 @@ class Tracker:
 
     def start(self, cfg: Config, run_dir: str | Path, tags: Mapping[str, Any] | None = None,
               parent_run_id: str | None = None) -> str | None:
-        """Open (or, when ``run_dir`` holds a run id from this store, reopen) the MLflow run.
+        """Open (or, when ``run_dir`` holds a run id from this store, reopen) a training run.
 
         ``tags`` come from the caller (e.g. ``world_size``, pack fingerprints); git commit, host
         and hmaml version are added here. ``parent_run_id`` nests the run under a sweep's run.
         Returns the run id, or None when tracking is off for this run.
         """
-        self.uri = tracking_uri(cfg)
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = RunDir(run_dir).mlflow_run_id
+        try:
+            known = id_file.read_text().strip() or None
+        except OSError:
+            known = None
+        nest = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+        resumed = self.open(tracking_uri(cfg), cfg.tracking.experiment or cfg.name,
+                            cfg.tracking.run_name or cfg.name, flatten(cfg), tags, run_id=known,
+                            start_tags=nest, ui_url=cfg.tracking.ui_url)
+        if self.active and self.run_id != known:
+            write_text_atomic(id_file, f"{self.run_id}\n")
+        if self.active and cfg.tracking.system_metrics:
+            self._start_system_metrics(resumed)
+        return self.run_id
+
+    def open(self, uri: str, experiment: str, name: str, params: Mapping[str, Any],
+             tags: Mapping[str, Any] | None = None, *, run_id: str | None = None,
+             start_tags: Mapping[str, Any] | None = None, ui_url: str | None = None) -> bool:
+        """Open run ``run_id`` again when this store has it (alive), else a new run ``name`` in
+        ``experiment`` tagged with git commit, host, hmaml version and ``start_tags``; log the
+        ``params`` it lacks (a reopened run's changed values go to the tag
+        ``resume.changed_params``) and ``tags``. True when the run was reopened."""
+        self.uri = uri
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         try:
-            resumed = self._open(cfg, Path(run_dir), dict(tags or {}), parent_run_id)
+            return self._open(experiment, name, {k: str(v) for k, v in params.items()},
+                              dict(tags or {}), run_id, dict(start_tags or {}), ui_url)
         except Exception as exc:
             self._disable(exc)
-        if self.active and cfg.tracking.system_metrics:
-            self._start_system_metrics(resumed)
-        if self.active:
-            view = ensure_view(self._client, self._experiment)
-            self.link = ui_link(self.uri, self._experiment, cfg.tracking.ui_url, view=view)
-        return self.run_id
+            return False
+
+    def attach(self, uri: str, run_id: str, ui_url: str | None = None) -> bool:
+        """Take up an existing run (a sweep's parent, to add its summary); False, with one
+        warning, when the store cannot give it."""
+        self.uri = uri
+        try:
+            client, _ = _client(uri)
+            self._experiment = client.get_run(run_id).info.experiment_id
+            self._client, self.run_id = client, run_id
+            self._make_link(ui_url)
+        except Exception as exc:
+            self._disable(exc)
+        return self.active
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log ``{name: value}`` at ``step`` (epoch or optimizer step, as the caller chooses)."""
@@ -254,16 +286,11 @@ class Tracker:
             warnings.warn(f"MLflow system metrics are off ({type(exc).__name__}: {exc})",
                           RuntimeWarning, stacklevel=3)
 
-    def _open(self, cfg: Config, run_dir: Path, tags: dict[str, Any],
-              parent_run_id: str | None) -> bool:
-        """Open or reopen the run; True when it was reopened (a resumed run)."""
-        uri = self.uri
-        assert uri is not None
-        client, sqlite_db = _client(uri)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        id_file = RunDir(run_dir).mlflow_run_id
-        params = flatten(cfg)
-        run = _existing_run(client, id_file)
+    def _open(self, experiment: str, name: str, params: dict[str, str], tags: dict[str, Any],
+              run_id: str | None, start_tags: dict[str, Any], ui_url: str | None) -> bool:
+        assert self.uri is not None
+        client, sqlite_db = _client(self.uri)
+        run = _existing_run(client, run_id)
         resumed = run is not None
         if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
@@ -274,24 +301,26 @@ class Tracker:
             if changed:
                 tags["resume.changed_params"] = "; ".join(changed)
         else:
-            experiment_id = _experiment_id(client, cfg.tracking.experiment or cfg.name,
-                                           sqlite_db)
-            start_tags = {"host": socket.gethostname(), "hmaml.version": _version()}
+            experiment_id = _experiment_id(client, experiment, sqlite_db)
+            first = {"host": socket.gethostname(), "hmaml.version": _version(), **start_tags}
             commit = _git_commit()
             if commit:
-                start_tags["mlflow.source.git.commit"] = commit
-            if parent_run_id:
-                start_tags["mlflow.parentRunId"] = parent_run_id
-            run = client.create_run(experiment_id, tags=start_tags,
-                                    run_name=cfg.tracking.run_name or cfg.name)
-            write_text_atomic(id_file, run.info.run_id + "\n")
+                first["mlflow.source.git.commit"] = commit
+            run = client.create_run(experiment_id, tags=first, run_name=name)
         self._client, self.run_id = client, run.info.run_id
         self._experiment = run.info.experiment_id
         from mlflow.entities import Param
 
         self._log_batches(params=[Param(k, _cut_param(v)) for k, v in params.items()])
         self.set_tags(tags)
+        self._make_link(ui_url)
         return resumed
+
+    def _make_link(self, ui_url: str | None) -> None:
+        """The runs table of the experiment, in hmaml's saved view when it could be saved."""
+        assert self.uri is not None and self._experiment is not None
+        view = ensure_view(self._client, self._experiment)
+        self.link = ui_link(self.uri, self._experiment, ui_url, view=view)
 
     def _log_batches(self, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
                      tags: Sequence[Any] = ()) -> None:
@@ -315,8 +344,8 @@ class Tracker:
             self._warned = True
             reason = _reason(exc)
             warnings.warn(f"MLflow tracking at {self.uri} is off for the rest of this run "
-                          f"({type(exc).__name__}: {reason}); training goes on with its local "
-                          f"files", RuntimeWarning, stacklevel=3)
+                          f"({type(exc).__name__}: {reason}); {self.consequence}",
+                          RuntimeWarning, stacklevel=3)
 
 
 def _reason(exc: BaseException) -> str:
@@ -376,12 +405,8 @@ def _experiment_id(client: Any, name: str, sqlite_db: Path | None) -> str:
         return experiment.experiment_id
 
 
-def _existing_run(client: Any, id_file: Path) -> Any:
-    """The run named in ``id_file`` if this store has it (alive), else None."""
-    try:
-        run_id = id_file.read_text().strip()
-    except OSError:
-        return None
+def _existing_run(client: Any, run_id: str | None) -> Any:
+    """Run ``run_id`` if this store has it (alive), else None."""
     if not run_id:
         return None
     from mlflow.exceptions import MlflowException
@@ -425,92 +450,3 @@ def _cut_param(value: str) -> str:
 def _chunks(items: Sequence[Any], size: int) -> Iterable[list[Any]]:
     for i in range(0, len(items), size):
         yield list(items[i:i + size])
-
-
-# --- sweeps: one parent run, one child run per trial -----------------------------------------
-
-
-def open_sweep_run(uri: str, experiment: str, name: str, run_id: str | None,
-                   params: Mapping[str, Any], tags: Mapping[str, Any]) -> str | None:
-    """The id of a sweep's parent run: ``run_id`` when this store still has it, else a new run.
-
-    Like :class:`Tracker`, a store that cannot be reached only warns: the sweep then goes on
-    without a parent run (None).
-    """
-    for key, value in _HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    try:
-        from mlflow.entities import Param, RunTag
-        from mlflow.exceptions import MlflowException
-
-        client, sqlite_db = _client(uri)
-        if run_id:
-            try:
-                run = client.get_run(run_id)
-                if run.info.lifecycle_stage != "deleted":
-                    return run_id
-            except MlflowException:
-                pass
-        experiment_id = _experiment_id(client, experiment, sqlite_db)
-        start_tags = {"host": socket.gethostname(), "hmaml.version": _version(),
-                      "hmaml.kind": "sweep"}
-        commit = _git_commit()
-        if commit:
-            start_tags["mlflow.source.git.commit"] = commit
-        run = client.create_run(experiment_id, tags=start_tags, run_name=name)
-        new_id = run.info.run_id
-        limit = _limit("MAX_PARAM_VAL_LENGTH", _PARAM_VALUE_MAX)
-        per_batch = _limit("MAX_PARAMS_TAGS_PER_BATCH", _PARAMS_PER_BATCH)
-        for chunk in _chunks([Param(k, str(v)[:limit]) for k, v in params.items()], per_batch):
-            client.log_batch(new_id, params=chunk)
-        tag_limit = _limit("MAX_TAG_VAL_LENGTH", _TAG_VALUE_MAX)
-        for chunk in _chunks([RunTag(k, str(v)[:tag_limit]) for k, v in tags.items()],
-                             per_batch):
-            client.log_batch(new_id, tags=chunk)
-        return new_id
-    except Exception as exc:
-        _warn_sweep(uri, exc)
-        return None
-
-
-def close_sweep_run(uri: str, run_id: str, artifacts: Sequence[str | Path],
-                    finished: bool) -> None:
-    """Upload the sweep's summary files to its parent run; mark it FINISHED when ``finished``."""
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        for path in artifacts:
-            client.log_artifact(run_id, str(path))
-        if finished:
-            client.set_terminated(run_id, "FINISHED")
-    except Exception as exc:
-        _warn_sweep(uri, exc)
-
-
-def child_runs(uri: str, parent_run_id: str) -> list[dict[str, Any]]:
-    """The runs nested under ``parent_run_id``: id, name, status, params, metrics and tags."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=10_000)
-    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
-             "params": dict(r.data.params), "metrics": dict(r.data.metrics),
-             "tags": dict(r.data.tags)} for r in runs]
-
-
-def run_artifacts(uri: str, run_id: str) -> list[str]:
-    """Paths of the files logged at the top level of a run's artifacts."""
-    from mlflow import MlflowClient
-
-    return sorted(f.path for f in MlflowClient(tracking_uri=uri).list_artifacts(run_id))
-
-
-def _warn_sweep(uri: str, exc: BaseException) -> None:
-    reason = _reason(exc)
-    warnings.warn(f"MLflow tracking at {uri} is unavailable for the sweep's parent run "
-                  f"({type(exc).__name__}: {reason}); the trials still run", RuntimeWarning,
-                  stacklevel=3)
