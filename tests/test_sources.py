@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hmaml.commands.pack import main as pack_main
 from hmaml.data.format import ImageSpec
 from hmaml.data.sources import (
     ImageLoader,
@@ -17,6 +18,7 @@ from hmaml.data.sources import (
     read_ravi_csv,
     split_by_ratio,
 )
+from hmaml.data.store import read_manifest
 from hmaml.errors import HmamlError
 from tests.data_fixtures import (
     EMNIST_ZIP,
@@ -241,3 +243,16 @@ def test_grey_png_converted_to_rgb_and_resized(tmp_path):
 def test_bad_request_is_named(dataset, src, options, match):
     with pytest.raises(HmamlError, match=match):
         open_source(dataset, src, **options)
+
+
+def test_pack_mini_imagenet_reads_the_split_lists_from_split_dir(tmp_path):
+    """`hmaml pack mini-imagenet --split-dir` (the README's command: csvs downloaded apart from
+    the images)."""
+    csv_dir = _mini_subset(tmp_path, "images")
+    out = tmp_path / "pack"
+    assert pack_main(["mini-imagenet", "--src", str(tmp_path / "mini"), "--split-dir",
+                      str(csv_dir), "--out", str(out), "--quiet", "--workers", "1"]) == 0
+    manifest = read_manifest(out)
+    assert {s: len(m.classes) for s, m in manifest.splits.items()} == {
+        "train": 2, "val": 2, "test": 2}
+    assert manifest.splits["train"].classes[0].name == "n01532829"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 
@@ -63,8 +64,13 @@ def mini_imagenet_source(src: Path, workdir: Path | None = None, *, split_dir: s
                   {"split": "ravi", "store_size": image.stored_size})
 
 
-# split_dir is an open_source option only: `hmaml pack mini-imagenet` has never had --split-dir
-# (the csvs are read from --src), and the CLI is kept as it was.
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split-dir",
+                        help="folder with train/val/test.csv, e.g. where `hmaml pack download "
+                             "mini-splits` put them (default: --src)")
+    add_store_size(parser)
+
+
 SPEC = DatasetSpec(
     "mini-imagenet", "mini-ImageNet images + Ravi & Larochelle csv splits", mini_imagenet_source,
-    options=("split_dir", "store_size"), add_options=add_store_size)
+    options=("split_dir", "store_size"), add_options=_add_options)
