@@ -122,10 +122,9 @@ class Classifier:
     classes: list[Hashable]
     shots: int
 
-    def logits(self, images: Sequence[ImageLike] | np.ndarray) -> Tensor:
+    def logits(self, images: Sequence[ImageLike]) -> Tensor:
         """Query logits ``[B, N]`` (fp32)."""
-        query = images if isinstance(images, np.ndarray) and images.ndim == 4 else \
-            read_images(images, self.run.image)
+        query = read_images(images, self.run.image)
         if self.run.method.query_norm == "transductive":
             if len(query) < len(self.classes):
                 LOGGER.warning("%d queries normalised together (transductive): with this few, "
@@ -135,11 +134,11 @@ class Classifier:
         return torch.cat([self.run.classify(self.support, query[i:i + QUERY_CHUNK], self.shots)
                           for i in range(0, len(query), QUERY_CHUNK)])
 
-    def predict_proba(self, images: Sequence[ImageLike] | np.ndarray) -> Tensor:
+    def predict_proba(self, images: Sequence[ImageLike]) -> Tensor:
         """Class probabilities ``[B, N]``, columns in :attr:`classes` order."""
         return torch.softmax(self.logits(images), dim=-1)
 
-    def predict(self, images: Sequence[ImageLike] | np.ndarray) -> list[Hashable]:
+    def predict(self, images: Sequence[ImageLike]) -> list[Hashable]:
         """The most probable class of each image."""
         return [self.classes[int(i)] for i in self.logits(images).argmax(-1)]
 

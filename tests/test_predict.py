@@ -89,6 +89,7 @@ def test_api_and_cli_give_the_methods_own_logits(name: str, runs: dict[str, Path
     # arrays and PIL images are read as the files are
     torch.testing.assert_close(clf.predict_proba([Image.open(f) for f in files]), expected,
                                atol=1e-6, rtol=0)
+    torch.testing.assert_close(clf.predict_proba(list(query)), expected, atol=1e-6, rtol=0)
     out = tmp_path / "p.csv"
     assert predict_main(["--run", str(runs[name]), "--support", str(support_dir),
                          "--query", str(files[0].parent), "--out", str(out)]) == 0
