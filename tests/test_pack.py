@@ -48,6 +48,7 @@ def test_real_omniglot_pack_end_to_end(tmp_path, omniglot_small):
     out = tmp_path / "shards" / "omni"
     manifest = pack_dataset("omniglot", omniglot_small, out, progress=False, workers=2)
     assert manifest == read_manifest(out).data
+    assert read_manifest(out).sha256 == sha256_file(out / MANIFEST_NAME)  # the run tags it
     assert manifest["image"] == {"size": 28, "channels": 1, "stored_size": 28,
                                  "pipeline": "characters"}
     assert {s: len(v["classes"]) for s, v in manifest["splits"].items()} == {

@@ -188,10 +188,12 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
                          f"manifest says {shard.classes}")
 
 
-def load_split(pack: str | Path | PackStore, split: str) -> tuple[SplitInfo, list[np.ndarray]]:
-    """Read every class record of a split into memory (label order)."""
+def load_split(pack: str | Path | PackStore, split: str, manifest: Manifest | None = None
+               ) -> tuple[SplitInfo, list[np.ndarray]]:
+    """Read every class record of a split into memory (label order); ``manifest``: the pack's,
+    when the caller has read it already."""
     store = PackStore.of(pack)
-    manifest = store.read_manifest()
+    manifest = manifest or store.read_manifest()
     info = split_info(manifest, split)
     shards = check_shard_files(store, manifest, info)
     return info, [images for shard in shards for _, images in read_shard(shard, info)]
@@ -523,7 +525,7 @@ class EvalLoader:
         self.specs = eval_episodes(manifest, split, n_way=n_way, n_shot=n_shot, n_query=n_query,
                                    n_episodes=n_episodes, seed=seed,
                                    repeat=repeat)[rank::world_size]
-        self.info, self.classes = load_split(store, split)
+        self.info, self.classes = load_split(store, split, manifest)
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.tasks_per_batch = tasks_per_batch
         self.transform = build_transform(None, image_size or self.info.image.size,

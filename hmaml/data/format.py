@@ -16,7 +16,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -91,9 +91,11 @@ class Manifest:
     splits: dict[str, SplitManifest]
     fingerprint: str
     data: dict[str, Any]
+    sha256: str = ""  # of the manifest file's bytes as read (recorded with each run)
 
     @classmethod
-    def parse(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+    def parse(cls, data: dict[str, Any], where: str = MANIFEST_NAME,
+              sha256: str = "") -> Manifest:
         """The typed manifest of a JSON document (version already checked); a missing or
         malformed entry is one line naming ``where`` and the entry."""
         try:
@@ -107,7 +109,7 @@ class Manifest:
             spec = ImageSpec(int(image["size"]), int(image["channels"]),
                              int(image["stored_size"]), str(image["pipeline"]))
             return cls(str(data["dataset"]), spec, splits, str(data.get("fingerprint", "")),
-                       data)
+                       data, sha256)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise HmamlError(f"{where}: malformed manifest ({type(exc).__name__}: {exc}); "
                              "re-pack the dataset") from None
@@ -145,10 +147,15 @@ def decode_class_record(sample: dict[str, Any]) -> tuple[int, str, np.ndarray]:
     return int(meta["label"]), str(meta["name"]), images
 
 
+def sha256_stream(handle: IO[bytes], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of what a binary stream holds from where it stands, read in chunks."""
+    digest = hashlib.sha256()
+    while block := handle.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_stream(handle, chunk)

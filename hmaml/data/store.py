@@ -35,7 +35,14 @@ from typing import IO, Any
 import fsspec
 from webdataset import gopen
 
-from hmaml.data.format import MANIFEST_NAME, PACK_VERSION, Manifest, ShardEntry, sha256_file
+from hmaml.data.format import (
+    MANIFEST_NAME,
+    PACK_VERSION,
+    Manifest,
+    ShardEntry,
+    sha256_file,
+    sha256_stream,
+)
 from hmaml.errors import HmamlError
 from hmaml.files import write_atomic
 from hmaml.log import LOGGER
@@ -221,8 +228,9 @@ class PackStore:
     def read_manifest(self) -> Manifest:
         """Load and check the manifest; refuse another pack version."""
         where = self.where(MANIFEST_NAME)
+        raw = self.manifest_bytes()
         try:
-            manifest = json.loads(self.manifest_bytes())
+            manifest = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise HmamlError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         version = manifest.get("pack_version")
@@ -230,7 +238,7 @@ class PackStore:
             raise HmamlError(f"{where}: pack_version {version!r} is not the supported "
                              f"{PACK_VERSION}; re-pack the dataset with this version of hmaml "
                              "(hmaml pack <dataset> ... --force)")
-        return Manifest.parse(manifest, where)
+        return Manifest.parse(manifest, where, hashlib.sha256(raw).hexdigest())
 
     # ------------------------------------------------------------------------- the shard check
 
@@ -248,13 +256,8 @@ class PackStore:
         if self.cache_dir is not None:
             return self._cached(name, size, digest, manifest)
         if full:
-            got = hashlib.sha256()
             with self.open(name, size) as handle:
-                while block := handle.read(_CHUNK):
-                    got.update(block)
-            if got.hexdigest() != digest:
-                raise HmamlError(f"{self.where(name)}: shard sha256 {got.hexdigest()} differs "
-                                 f"from the manifest's {digest} (modified or corrupt)")
+                _check_digest(sha256_stream(handle, _CHUNK), digest, self.where(name))
         return self.where(name)
 
     def cache_folder(self, manifest: Manifest) -> Path:
@@ -297,7 +300,12 @@ def _check_file(path: Path, size: int, digest: str | None, label: str) -> None:
     if got != size:
         raise HmamlError(f"{label}: {got} bytes but the manifest says {size} (truncated or "
                          "replaced shard); re-pack the dataset")
-    if digest is not None and (actual := sha256_file(path)) != digest:
+    if digest is not None:
+        _check_digest(sha256_file(path), digest, label)
+
+
+def _check_digest(actual: str, digest: str, label: str) -> None:
+    if actual != digest:
         raise HmamlError(f"{label}: shard sha256 {actual} differs from the manifest's {digest} "
                          "(modified or corrupt); re-pack the dataset")
 

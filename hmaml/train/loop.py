@@ -16,7 +16,6 @@ rank, worker and epoch; a stop mid-epoch replays the epoch's batches up to the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,6 @@ from tqdm.auto import tqdm
 
 from hmaml.config import Config, fingerprint, to_yaml
 from hmaml.data.episodes import train_loader
-from hmaml.data.store import PackStore
 from hmaml.errors import HmamlError
 from hmaml.evaluate import evaluate
 from hmaml.files import read_json, write_json_atomic
@@ -212,10 +210,6 @@ class StopFlag:
 
     def __call__(self) -> bool:
         return self.signalled or bool(self.predicate and self.predicate())
-
-
-def _manifest_sha256(pack: PackStore) -> str:
-    return hashlib.sha256(pack.manifest_bytes()).hexdigest()
 
 
 class Trainer:
@@ -552,8 +546,8 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
             LOGGER.info(_header(trainer, changes))
         run_tags = {"world_size": accelerator.num_processes, "engine": trainer.plan.engine,
                     "precision": trainer.precision.name,
-                    "train_pack.manifest_sha256": _manifest_sha256(trainer.packs.train),
-                    "eval_pack.manifest_sha256": _manifest_sha256(trainer.packs.eval),
+                    "train_pack.manifest_sha256": trainer.packs.train_manifest.sha256,
+                    "eval_pack.manifest_sha256": trainer.packs.eval_manifest.sha256,
                     **(tags or {})}
         run_id = trainer.tracker.start(cfg, rd.path, run_tags, parent_run_id=parent_run_id)
         try:
