@@ -31,7 +31,7 @@ from torch import Tensor
 
 from hmaml.config import Config, config_from_yaml
 from hmaml.data.format import ImageSpec
-from hmaml.data.sources.base import IMAGE_EXTENSIONS
+from hmaml.data.sources.base import IMAGE_EXTENSIONS, ImageLoader
 from hmaml.data.store import read_manifest
 from hmaml.data.transforms import build_transform
 from hmaml.errors import HmamlError
@@ -73,19 +73,17 @@ def _pil(image: ImageLike, where: str) -> Image.Image:
     except OSError as exc:
         raise HmamlError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        return Image.open(io.BytesIO(data))  # the header only: decoded when converted
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise HmamlError(f"{path}: not a readable image ({exc})") from None
-    return img
 
 
 def read_images(images: Sequence[ImageLike], spec: ImageSpec) -> np.ndarray:
-    """uint8 ``[n, S, S, C]`` at the pack's stored side ``S``, converted as packs convert
-    (grey with LANCZOS, RGB with antialiased bilinear); an image that would be scaled up more
-    than :data:`MAX_UPSCALE` times or is more elongated than :data:`MAX_ASPECT` is refused."""
+    """uint8 ``[n, S, S, C]`` at the pack's stored side ``S``, converted by the packs' own
+    :class:`ImageLoader`; an image that would be scaled up more than :data:`MAX_UPSCALE` times
+    or is more elongated than :data:`MAX_ASPECT` is refused."""
     side, out = spec.stored_size, []
-    mode = "L" if spec.channels == 1 else "RGB"
+    loader = ImageLoader(side, spec.channels)
     for i, image in enumerate(images):
         where = _name(image, i)
         img = _pil(image, where)
@@ -96,12 +94,10 @@ def read_images(images: Sequence[ImageLike], spec: ImageSpec) -> np.ndarray:
         if max(w, h) > MAX_ASPECT * min(w, h):
             raise HmamlError(f"{where}: {w}x{h} pixels is too elongated to resize to a square "
                              f"(aspect ratio above {MAX_ASPECT:g})")
-        img = img.convert(mode)
-        if img.size != (side, side):
-            resample = Image.Resampling.LANCZOS if mode == "L" else Image.Resampling.BILINEAR
-            img = img.resize((side, side), resample, reducing_gap=None)
-        arr = np.asarray(img, dtype=np.uint8)
-        out.append(arr[..., None] if arr.ndim == 2 else arr)
+        try:
+            out.append(loader.convert(img))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise HmamlError(f"{where}: not a readable image ({exc})") from None
     if not out:
         raise HmamlError("no images given")
     return np.stack(out)

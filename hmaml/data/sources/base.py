@@ -155,11 +155,12 @@ class ImageLoader:
             raise HmamlError(f"{ref.describe()}: cannot read ({exc})") from exc
         try:
             with Image.open(io.BytesIO(data)) as img:
-                return self._convert(img, ref.rotation)
+                return self.convert(img, ref.rotation)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise HmamlError(f"{ref.describe()}: corrupt or unreadable image ({exc})") from exc
 
-    def _convert(self, img: Image.Image, rotation: int) -> np.ndarray:
+    def convert(self, img: Image.Image, rotation: int = 0) -> np.ndarray:
+        """One opened (not yet loaded: JPEG draft decoding) image as the pack stores it."""
         mode = "L" if self.channels == 1 else "RGB"
         target = (self.size, self.size)
         if img.format == "JPEG":
