@@ -18,7 +18,7 @@ from hmaml.config import Config, load_config
 from hmaml.errors import HmamlError
 from hmaml.methods import build_method
 from hmaml.models import build_encoder
-from hmaml.train.checkpoint import load_checkpoint
+from hmaml.train.checkpoint import load_checkpoint, save_checkpoint
 from hmaml.train.loop import optimizer_step
 from hmaml.train.rundir import RunDir
 from tests.method_fixtures import random_tasks
@@ -51,16 +51,42 @@ def test_the_same_config_prints_the_stored_result(tiny_pack: Path, finished: Pat
 
 
 def test_a_larger_train_epochs_extends_a_finished_run(tiny_pack: Path, tmp_path: Path) -> None:
+    """... and its wall time is the whole run's, over both processes, without the first
+    process's test (a run of 3 epochs at once would not have run it)."""
     run_dir = tmp_path / "extend"
     assert run(train_command(tiny_pack, run_dir, **{"train.epochs": 2})).returncode == 0
+    first = json.loads((run_dir / "test.json").read_text())
+    assert first["processes"] == 1 and 0 < first["wall_s"] <= first["process_wall_s"]
+    trained = load_checkpoint(run_dir / "checkpoint.pt", None)["run_s"]  # up to the last epoch
+    assert 0 < trained < first["wall_s"]
     proc = run(train_command(tiny_pack, run_dir, **{"train.epochs": 3, "eval.every": 3}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     every = load_config("quickstart").eval.every
     assert (f"changed since the run began: eval.every: {every} -> 3; train.epochs: 2 -> 3"
             in proc.stdout)
     assert "resuming at epoch 3" in proc.stdout
-    assert json.loads((run_dir / "test.json").read_text())["epoch"] == 3
+    result = json.loads((run_dir / "test.json").read_text())
+    assert result["epoch"] == 3 and result["processes"] == 2
+    assert 0 < result["wall_s"] - trained <= result["process_wall_s"]
+    assert (f"wall time {result['wall_s'] / 60:.1f} min over 2 processes (this one "
+            f"{result['process_wall_s'] / 60:.1f} min)") in proc.stdout
     assert "train:\n  epochs: 3" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_run_resumed_from_a_checkpoint_without_its_time_says_so(tiny_pack: Path,
+                                                                   tmp_path: Path) -> None:
+    """Checkpoints of older versions did not record time: the total is unknown, not guessed."""
+    run_dir = tmp_path / "old"
+    assert run(train_command(tiny_pack, run_dir, **{"train.epochs": 1})).returncode == 0
+    state = load_checkpoint(run_dir / "checkpoint.pt", None)
+    del state["run_s"], state["processes"]
+    save_checkpoint(run_dir / "checkpoint.pt", state)
+    proc = run(train_command(tiny_pack, run_dir, **{"train.epochs": 2}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run_dir / "test.json").read_text())
+    assert result["wall_s"] is None and result["processes"] == 2
+    assert "min in this process (resumed; the earlier processes' time was not recorded)" in (
+        proc.stdout)
 
 
 def test_a_second_owner_is_refused_and_a_dead_one_is_replaced(tiny_pack: Path,

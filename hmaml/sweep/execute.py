@@ -22,7 +22,7 @@ from hmaml.sweep.report import SWEEP_JSON, summarize
 from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
 from hmaml.train.plan import make_plan
-from hmaml.train.rundir import RunDir, Status, TrainResult
+from hmaml.train.rundir import RunDir, Status, TrainResult, wall_time
 from hmaml.train.tracking import Tracker
 
 # submitit's LocalExecutor sends the timeout signal this long before its limit (not settable
@@ -303,5 +303,5 @@ def _result_line(result: TrainResult) -> str:
     if result.status != Status.FINISHED or test is None:
         return f"{result.status.value} at epoch {result.epoch}"
     return (f"finished: test {test['test_acc']:.2f} ± {test['test_ci']:.2f} %, "
-            f"best val {test['best_val_acc']:.2f} %, {test['wall_s'] / 60:.1f} min")
+            f"best val {test['best_val_acc']:.2f} %, {wall_time(test)}")
 

@@ -130,7 +130,8 @@ def summary_rows(info: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]
                 ci, over = float(results[0].get("test_ci") or 0.0), "episodes"
             row.update(test_acc=mean, ci95=ci, ci_over=over,
                        best_val_acc=_mean([r.get("best_val_acc") for r in results]),
-                       wall_min=_mean([(r.get("wall_s") or 0.0) / 60 for r in results]))
+                       wall_min=_mean([None if r.get("wall_s") is None else r["wall_s"] / 60
+                                      for r in results]))
         else:
             row.update(test_acc=None, ci95=None, ci_over=None, best_val_acc=None, wall_min=None)
         rows.append(row)

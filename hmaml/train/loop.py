@@ -60,7 +60,7 @@ from hmaml.train.plan import (
     pick_device,
 )
 from hmaml.train.protocol import TestReport, test_best
-from hmaml.train.rundir import RunDir, Status, TrainResult
+from hmaml.train.rundir import RunDir, Status, TrainResult, wall_time
 from hmaml.train.tracking import make_tracker, ui_line
 
 
@@ -217,6 +217,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator, stop: StopFlag) -> None:
         self.cfg, self.acc, self.stop = cfg, accelerator, stop
+        self.started = time.perf_counter()
+        # seconds the run spent in earlier processes (None: a checkpoint that did not record
+        # them) and how many processes it took, so a resumed run reports its whole time
+        self.earlier_s: float | None = 0.0
+        self.processes = 1
         self.rd = RunDir(cfg.run_dir)
         self.main = accelerator.is_main_process
         data, train = cfg.data, cfg.train
@@ -288,6 +293,9 @@ class Trainer:
         self.resume_step = int(state["stream"]["step"])
         self.best_val, self.best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
         self.best_p = float(state.get("best_p", 1.0))
+        earlier = state.get("run_s")
+        self.earlier_s = None if earlier is None else float(earlier)
+        self.processes = int(state.get("processes", 1)) + 1
         if self.rd.history.is_file():
             rows = [json.loads(line) for line in self.rd.history.read_text().splitlines()
                     if line]
@@ -304,11 +312,19 @@ class Trainer:
             "stream": {"epoch": epoch, "step": step}, "epoch": epoch,
             "best_val_acc": self.best_val, "best_epoch": self.best_epoch, "best_p": self.best_p,
             "config_yaml": to_yaml(self.cfg), "fingerprint": fingerprint(self.cfg),
-            "image": self.packs.image.as_dict(), "zero_state": zero}
+            "image": self.packs.image.as_dict(), "zero_state": zero,
+            "run_s": self.run_seconds(), "processes": self.processes}
         if full:
             state.update(optimizer={} if self.deepspeed else self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict(), rng=capture_rng())
         return state
+
+    def run_seconds(self) -> float | None:
+        """Seconds the run has taken so far over all its processes; a process's time after its
+        last checkpoint (an extended run's first test) is not part of the run."""
+        if self.earlier_s is None:
+            return None
+        return self.earlier_s + time.perf_counter() - self.started
 
     def _save(self, epoch: int, step: int) -> None:
         """Checkpoint: the next thing to run is ``step`` of ``epoch``.
@@ -567,7 +583,8 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
             raise
     summary = {"status": Status.FINISHED.value, **report.as_json(),
                "best_val_acc": trainer.best_val, "epoch": trainer.epoch,
-               "wall_s": time.perf_counter() - start, "run_dir": str(rd.path),
+               "wall_s": trainer.run_seconds(), "process_wall_s": time.perf_counter() - start,
+               "processes": trainer.processes, "run_dir": str(rd.path),
                "mlflow_run_id": run_id, "lines": report.lines()}
     if accelerator.is_main_process:
         _finish(trainer, report, summary)
@@ -584,7 +601,9 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
     curve = plot_learning_curve(trainer.history, rd.learning_curve) if trainer.history else None
     tracker.log_metrics({"test_acc": report.mean, "test_std": report.std,
                          "test_ci95": report.ci95, "tested_p": report.tested_p,
-                         "best_val_acc": trainer.best_val},
+                         "best_val_acc": trainer.best_val,
+                         **({} if summary["wall_s"] is None else
+                            {"wall_min": summary["wall_s"] / 60})},
                         step=trainer.epoch)
     tracker.set_tags({"test.tested_p": report.tested_p, "test.repeats": len(report.repeats),
                       "test.reached_p0": report.reached_p0})
@@ -599,8 +618,8 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
     trainer.progress(Status.FINISHED)
     print("\n".join([
         *report.lines(),
-        f"  best val {trainer.best_val:.2f} % · wall time {summary['wall_s'] / 60:.1f} min · "
-        f"run {rd.path} · checkpoint {rd.best} · MLflow run {summary['mlflow_run_id'] or 'off'}",
+        f"  best val {trainer.best_val:.2f} % · {wall_time(summary)} · run {rd.path} · "
+        f"checkpoint {rd.best} · MLflow run {summary['mlflow_run_id'] or 'off'}",
         *mlflow_lines(tracker)]))
 
 

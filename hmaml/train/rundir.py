@@ -173,4 +173,19 @@ class RunDir:
         return False
 
 
-__all__ = ["MAY_CHANGE", "RunDir", "Status", "TrainResult"]
+def wall_time(summary: dict[str, Any]) -> str:
+    """The run's wall time, saying how many processes it took and, when resumed from a
+    checkpoint that did not record earlier processes' time, that only this process's is known."""
+    # a test.json written before processes were counted holds one process's time in wall_s
+    this = summary.get("process_wall_s", summary["wall_s"]) / 60
+    processes = summary.get("processes", 1)
+    if processes == 1:
+        return f"wall time {this:.1f} min"
+    if summary["wall_s"] is None:
+        return (f"wall time {this:.1f} min in this process (resumed; the earlier processes' "
+                "time was not recorded)")
+    return (f"wall time {summary['wall_s'] / 60:.1f} min over {processes} processes "
+            f"(this one {this:.1f} min)")
+
+
+__all__ = ["MAY_CHANGE", "RunDir", "Status", "TrainResult", "wall_time"]
