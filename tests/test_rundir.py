@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,10 +20,10 @@ from hmaml.errors import HmamlError
 from hmaml.methods import build_method
 from hmaml.models import build_encoder
 from hmaml.train.checkpoint import load_checkpoint, save_checkpoint
-from hmaml.train.loop import optimizer_step
+from hmaml.train.loop import optimizer_step, train
 from hmaml.train.rundir import RunDir
 from tests.method_fixtures import random_tasks
-from tests.train_fixtures import run, tiny_pack, train_command
+from tests.train_fixtures import run, tiny_overrides, tiny_pack, train_command
 from tests.train_fixtures import uninterrupted as finished
 
 __all__ = ["finished", "tiny_pack"]
@@ -71,6 +72,39 @@ def test_a_larger_train_epochs_extends_a_finished_run(tiny_pack: Path, tmp_path:
     assert (f"wall time {result['wall_s'] / 60:.1f} min over 2 processes (this one "
             f"{result['process_wall_s'] / 60:.1f} min)") in proc.stdout
     assert "train:\n  epochs: 3" in (run_dir / "config.yaml").read_text()
+
+
+def test_extending_a_run_may_add_a_milestone_after_its_epochs(tiny_pack: Path, finished: Path,
+                                                             tmp_path: Path) -> None:
+    """3 epochs at milestones [2], extended to 5 at [2, 4], end where a 5-epoch run at [2, 4]
+    ends; a milestone among the trained epochs is refused, by the folder and by the checkpoint."""
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    shutil.copytree(finished, extended)
+    schedule = {"train.epochs": 5, "train.lr_milestones": "[2,4]"}
+    proc = run(train_command(tiny_pack, extended, **schedule))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.lr_milestones: [2] -> [2, 4]" in proc.stdout
+    assert run(train_command(tiny_pack, fresh, **schedule)).returncode == 0
+    history = [json.loads(line) for line in (extended / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]  # every epoch kept its row
+    assert [row["lr"] for row in history] == pytest.approx([1e-2, 1e-2, 3e-3, 3e-3, 9e-4])
+    found = load_checkpoint(extended / "checkpoint.pt", None)["model"]
+    expected = load_checkpoint(fresh / "checkpoint.pt", None)["model"]
+    for key in expected:
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    for past in ("[1]", "[2,3]"):  # 3 acts after the 3rd epoch, which is trained
+        proc = run(train_command(tiny_pack, finished, **{"train.epochs": 5,
+                                                         "train.lr_milestones": past}))
+        assert proc.returncode == 2 and len(lines(proc)) == 1
+        assert "made by another config: train.lr_milestones [2] -> " in lines(proc)[0]
+    moved = tmp_path / "moved"  # no config.yaml beside it: the checkpoint's schedule decides
+    moved.mkdir()
+    (moved / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes())
+    cfg = load_config("quickstart", tiny_overrides(tiny_pack, moved, **{
+        "train.epochs": 5, "train.lr_milestones": "[1]"}))
+    with pytest.raises(HmamlError, match=r"train\.lr_milestones \[1\] changes the learning "
+                                         r"rate of the 3 epochs already trained"):
+        train(cfg)
 
 
 def test_a_run_resumed_from_a_checkpoint_without_its_time_says_so(tiny_pack: Path,

@@ -285,7 +285,14 @@ class Trainer:
         if not zero:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        # the schedule is the config's, even when it changed since the checkpoint was written
+        # the schedule is the config's, which may differ from the checkpoint's only in the
+        # milestones still to come (a milestone m acts after the m-th epoch)
+        passed = self.scheduler.last_epoch
+        wanted = [m for m in self.cfg.train.lr_milestones if m <= passed]
+        if sorted(wanted) != sorted(m for m in self.scheduler.milestones.elements() if m <= passed):
+            raise HmamlError(f"{path}: train.lr_milestones {list(self.cfg.train.lr_milestones)} "
+                             f"changes the learning rate of the {passed} epochs already trained; "
+                             f"only milestones after epoch {passed} may be added or moved")
         self.scheduler.milestones = Counter(self.cfg.train.lr_milestones)
         self.scheduler.gamma = self.cfg.train.lr_gamma
         restore_rng(state["rng"])
@@ -299,7 +306,7 @@ class Trainer:
         if self.rd.history.is_file():
             rows = [json.loads(line) for line in self.rd.history.read_text().splitlines()
                     if line]
-            self.history = [row for row in rows if row["epoch"] < self.epoch]
+            self.history = [row for row in rows if row["epoch"] <= self.epoch]  # rows are 1-based
         return self.rd.path / zero if zero else None
 
     def _state(self, epoch: int, step: int, *, full: bool, zero: str | None = None

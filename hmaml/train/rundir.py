@@ -4,7 +4,8 @@ One :class:`RunDir` names every file (nothing else spells those names), checks t
 uses the config that made the folder (:meth:`RunDir.check_config`), and holds the lock that lets
 a single training process group own it (:meth:`RunDir.lock`). A folder is made by one config:
 re-running with another is refused, naming the keys that differ, except for the keys of
-:data:`MAY_CHANGE`, which only extend or observe a run.
+:data:`MAY_CHANGE`, which only extend or observe a run, and LR milestones after the epochs the
+run has trained.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -30,6 +31,9 @@ from hmaml.files import read_json, write_json_atomic, write_text_atomic
 MAY_CHANGE = ("train.epochs", "eval.every", "data.workers", "train.progress", "train.compile",
               "train.device", "eval.tasks_per_batch", "eval.memory_mb", "data.cache_dir",
               "data.read_retries", "data.read_timeout_s", "tracking.")
+#: May change when every milestone the run has passed stays as it was: extending a run may add a
+#: step down of the learning rate for the epochs it adds.
+FUTURE_MILESTONES = "train.lr_milestones"
 #: Keys that say where a run is, not what it is.
 NOT_COMPARED = ("run_dir",)
 ZERO_PREFIX = "zero-state-"  # DeepSpeed's per-rank optimizer partitions, one folder a position
@@ -108,12 +112,22 @@ class RunDir:
         old, new = flatten(stored), flatten(cfg)
         differ = [k for k in sorted(set(old) | set(new))
                   if old.get(k) != new.get(k) and k not in NOT_COMPARED]
-        refused = [k for k in differ if not k.startswith(MAY_CHANGE) and k not in MAY_CHANGE]
+        refused = [k for k in differ if not k.startswith(MAY_CHANGE) and k not in MAY_CHANGE
+                   and not (k == FUTURE_MILESTONES and self._future_only(
+                       stored.train.lr_milestones, cfg.train.lr_milestones))]
         if refused:
             changes = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in refused)
             raise HmamlError(f"{self.path} was made by another config: {changes}; pass "
                              "run_dir=... for a new run")
         return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in differ]
+
+    def _future_only(self, old: Sequence[int], new: Sequence[int]) -> bool:
+        """Whether two LR schedules agree on every milestone the run has passed (a milestone
+        ``m`` acts after the ``m``-th epoch), so the new one only reshapes epochs to come."""
+        done = (read_json(self.progress) or {}).get("epoch")
+        if done is None:
+            return False
+        return sorted(m for m in old if m <= done) == sorted(m for m in new if m <= done)
 
     def write_config(self, cfg: Config) -> None:
         write_text_atomic(self.config, to_yaml(cfg))
