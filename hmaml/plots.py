@@ -1,7 +1,7 @@
 """Figures a person would rather look at than read: a run's learning curve, a sweep's test
-accuracies, and the accuracy vs time of MAML's inner steps beside HyperMAML (the paper's Tables 4
-and 8). matplotlib is imported inside each function (Agg canvas, no display), so importing this
-module stays light.
+accuracies, the validation curves of several seeds, and the accuracy vs time of MAML's inner steps
+beside HyperMAML (the paper's Tables 4 and 8). matplotlib is imported inside each function (Agg
+canvas, no display), so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -125,6 +125,41 @@ def plot_steps(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: st
         ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_seeds(groups: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path:
+    """Validation accuracy against epoch for each experiment of a comparison over seeds: every
+    seed a thin line, the mean over the seeds (at the epochs all of them validated) a thick one,
+    labelled with the test accuracy's mean ± std over the seeds. ``groups``: as
+    :func:`hmaml.tables.seed_groups` returns them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for index, group in enumerate(groups):
+        colour = f"C{index % 10}"
+        curves = [dict(run["val"]) for run in group["runs"] if run["val"]]
+        for curve in curves:
+            ax.plot(list(curve), list(curve.values()), color=colour, lw=0.7, alpha=0.35)
+        shared = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        spread = "" if group["std"] is None else f" ± {group['std']:.2f}"
+        label = (f"{group['label']}: test {group['mean']:.2f}{spread} % "
+                 f"({len(group['runs'])} seed{'s' if len(group['runs']) > 1 else ''})")
+        if shared:
+            ax.plot(shared, [float(np.mean([c[e] for c in curves])) for e in shared],
+                    color=colour, lw=2, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("validation accuracy: each seed (thin) and their mean (thick)",
+                 fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -1,25 +1,29 @@
 """The paper's analysis tables from trained runs: Table 3 (how far MAML and HyperMAML move the
-classifier) and Tables 4 / 8 (test time and accuracy of MAML at K inner steps beside HyperMAML).
+classifier) and Tables 4 / 8 (test time and accuracy of MAML at K inner steps beside HyperMAML),
+and the comparison over seeds that every claim here rests on (:func:`seed_groups`).
 
-Both re-test the runs' best checkpoints on the fixed test episodes (``evaluate_run``), so the
-figures are those of ``launch/evaluate.py``; the paper's figures are printed beside them (theirs
-were measured on an RTX 2080, so only the ratios between rows compare across machines).
+Tables 3 and 4 re-test the runs' best checkpoints on the fixed test episodes
+(``evaluate_run``), so the figures are those of ``launch/evaluate.py``; the paper's figures are
+printed beside them (theirs were measured on an RTX 2080, so only the ratios between rows compare
+across machines). The comparison over seeds reads the runs' own ``test.json`` and history.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hmaml.config import flatten
 from hmaml.data.store import read_manifest
 from hmaml.errors import HmamlError
-from hmaml.files import write_json_atomic
-from hmaml.plots import plot_steps
+from hmaml.files import read_json, write_json_atomic
+from hmaml.plots import plot_seeds, plot_steps
 from hmaml.train.protocol import evaluate_run
-from hmaml.train.rundir import RunDir
+from hmaml.train.rundir import MAY_CHANGE, NOT_COMPARED, RunDir
 
 #: Table 3 (Omniglot -> EMNIST 1-shot): mean norm of the classifier update, ± std.
 PAPER_NORMS = {"MAML": {"weight": (2.53, 0.29), "bias": (1.47, 0.14)},
@@ -39,6 +43,10 @@ PAPER_STEPS: dict[str, dict[int | None, tuple[float, float]]] = {
 }
 #: MAML's inner steps in Table 4, the default of ``launch/tables.py steps``.
 STEPS = (0, 1, 2, 3, 4, 5, 10, 25, 50, 100)
+#: Config keys that do not make two runs different experiments: the seed, where a run is, and how
+#: it is watched or fed (a longer run or another validation cadence is another experiment).
+NOT_THE_EXPERIMENT = ("seed", *NOT_COMPARED,
+                      *(k for k in MAY_CHANGE if k not in ("train.epochs", "eval.every")))
 
 
 def _method_of(run: str | Path, expected: str) -> RunDir:
@@ -138,3 +146,111 @@ def steps_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines.append(f"(mean ± std over {n['repeats']} repeat(s) of {n['episodes']} test tasks; "
                  "seconds exclude start-up and a warm-up batch)")
     return lines
+
+
+def _experiment(key: str) -> bool:
+    return not any(key == k or (k.endswith(".") and key.startswith(k))
+                   for k in NOT_THE_EXPERIMENT)
+
+
+def _finished_run(run: str | Path) -> tuple[RunDir, dict[str, str], dict[str, Any]]:
+    rd = RunDir(run)
+    cfg = rd.stored_config()
+    if cfg is None:
+        raise HmamlError(f"{rd.path}: not a run directory (no {rd.config.name})")
+    test = read_json(rd.test)
+    if test is None or test.get("status") != "finished":
+        progress = read_json(rd.progress) or {}
+        raise HmamlError(f"{rd.path}: not finished (epoch {progress.get('epoch', 0)} of "
+                         f"{progress.get('epochs', cfg.train.epochs)}); a comparison over seeds "
+                         "needs every seed's test")
+    return rd, flatten(cfg), test
+
+
+def seed_groups(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Group finished runs by experiment (configs equal but for :data:`NOT_THE_EXPERIMENT`) and
+    give each group's test accuracy as mean ± sample std over its seeds' means.
+
+    Runs of one name with different configs form separate groups, labelled with the keys that
+    tell them apart, so a seed of another experiment is never averaged in; a seed given twice
+    for one experiment is refused (it would shrink the std).
+    """
+    if not runs:
+        raise HmamlError("seeds: name one or more run directories")
+    groups: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    for run in runs:
+        rd, flat, test = _finished_run(run)
+        key = tuple(sorted((k, v) for k, v in flat.items() if _experiment(k)))
+        group = groups.setdefault(key, {"name": flat["name"], "config": dict(key), "runs": []})
+        seed = int(flat["seed"])
+        twin = next((r["run"] for r in group["runs"] if r["seed"] == seed), None)
+        if twin is not None:
+            raise HmamlError(f"{rd.path} and {twin}: the same experiment and seed {seed}; give "
+                             "each seed once")
+        repeats = [r["ci95"] for r in test.get("test_repeats", [])]
+        history = [json.loads(line) for line in rd.history.read_text().splitlines() if line] \
+            if rd.history.is_file() else []
+        group["runs"].append({
+            "run": str(rd.path), "seed": seed, "test_acc": test["test_acc"],
+            "test_std": test["test_std"], "lists": len(repeats),
+            "list_ci95": [min(repeats), max(repeats)] if repeats else None,
+            "best_epoch": test["best_epoch"], "best_val_acc": test["best_val_acc"],
+            "epochs": test["epoch"], "wall_s": test.get("wall_s"),
+            "processes": test.get("processes", 1),
+            "val": [(row["epoch"], row["val_acc"]) for row in history if "val_acc" in row]})
+    out = list(groups.values())
+    for group in out:
+        group["runs"].sort(key=lambda r: r["seed"])
+        accs = [r["test_acc"] for r in group["runs"]]
+        group["mean"] = float(np.mean(accs))
+        group["std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else None
+        twins = [g for g in out if g["name"] == group["name"]]
+        differ = sorted({k for g in twins for k, v in g["config"].items()
+                         if any(o["config"].get(k) != v for o in twins)})
+        config = group["config"]
+        told = ", ".join(f"{k}={config.get(k)}" for k in differ)
+        group["label"] = f"{group['name']} ({told})" if differ else group["name"]
+    return out
+
+
+def _wall(run: dict[str, Any]) -> str:
+    if run["wall_s"] is None:
+        return f"? ({run['processes']} processes)"
+    return f"{run['wall_s'] / 60:.1f} min" + (
+        f" ({run['processes']} processes)" if run["processes"] > 1 else "")
+
+
+def seeds_lines(groups: Sequence[dict[str, Any]]) -> list[str]:
+    """The comparison as text: one line a run, then each experiment's mean ± std over seeds."""
+    width = max(len(g["label"]) for g in groups)
+    lines = [f"{'experiment':{width}}  seed  {'test % (lists)':>15}  {'list CI95':>11}  "
+             f"{'best epoch (val %)':>18}  wall"]
+    for g in groups:
+        for r in g["runs"]:
+            ci = "" if r["list_ci95"] is None else \
+                f"±{r['list_ci95'][0]:.2f}–{r['list_ci95'][1]:.2f}"
+            lines.append(f"{g['label']:{width}}  {r['seed']:4d}  {r['test_acc']:7.2f} ± "
+                         f"{r['test_std']:4.2f}  {ci:>11}  "
+                         f"{r['best_epoch']:>5d}/{r['epochs']} ({r['best_val_acc']:.2f})  "
+                         f"{_wall(r)}")
+    for g in groups:
+        spread = "one seed: no spread" if g["std"] is None else f"± {g['std']:.2f}"
+        lines.append(f"{g['label']}: {g['mean']:.2f} {spread} % over {len(g['runs'])} seed(s) "
+                     f"({', '.join(str(r['seed']) for r in g['runs'])})")
+    if len(groups) == 2:
+        a, b = groups
+        lines.append(f"{a['label']} - {b['label']}: {a['mean'] - b['mean']:+.2f} points")
+    lines.append("(a run: mean ± std over its test lists; an experiment: mean ± sample std over "
+                 "its seeds' means)")
+    return lines
+
+
+def seeds_report(runs: Sequence[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
+    """:func:`seed_groups`, written to ``seeds.json`` and drawn in ``seeds.png`` (validation
+    accuracy against epoch: each seed thin, the mean over seeds thick)."""
+    groups = seed_groups(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "seeds.json", {"groups": groups})
+    plot_seeds(groups, out / "seeds.png")
+    return groups

@@ -4,6 +4,7 @@ known answers from the runs' own evaluation, refusals that name the key."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,39 @@ def test_steps_table_works_for_84_px_natural_images_and_conv4pool(tmp_path, caps
         ("MAML", 0), ("MAML", 2), ("HyperMAML", None)]
     assert all(r["seconds"] > 0 and 0 <= r["acc"] <= 100 for r in saved["rows"])
     assert "wrote" in capsys.readouterr().out
+
+
+def test_seeds_groups_runs_by_experiment_and_averages_over_seeds(runs, tiny_pack, tmp_path,  # noqa: F811
+                                                                 capsys):
+    """Two HyperMAML seeds and one MAML run of the same config name: two experiments, told apart
+    by the keys that differ; the mean ± sample std over seeds is the seeds' test.json's."""
+    second = tmp_path / "hypermaml_seed1"
+    train(tiny_config(tiny_pack, second, **{"train.mixed_precision": "no", "seed": 1}))
+    out = tmp_path / "report"
+    assert tables_main(["seeds", str(runs["hypermaml"]), str(second), str(runs["maml"]),
+                        "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    accs = [json.loads((r / "test.json").read_text())["test_acc"]
+            for r in (runs["hypermaml"], second)]
+    groups = json.loads((out / "seeds.json").read_text())["groups"]
+    assert [len(g["runs"]) for g in groups] == [2, 1]
+    assert [r["seed"] for r in groups[0]["runs"]] == [0, 1]
+    assert groups[0]["mean"] == pytest.approx(np.mean(accs))
+    assert groups[0]["std"] == pytest.approx(np.std(accs, ddof=1)) and groups[1]["std"] is None
+    assert "method.name=hypermaml" in groups[0]["label"]
+    assert "method.name=maml" in groups[1]["label"]
+    assert f"{np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f} % over 2 seed(s) (0, 1)" in printed
+    assert "one seed: no spread" in printed and " points" in printed
+    assert (out / "seeds.png").stat().st_size > 10_000
+
+
+def test_seeds_refuses_a_seed_twice_and_an_unfinished_run(runs, tmp_path, capsys):
+    assert tables_main(["seeds", str(runs["hypermaml"]), str(runs["hypermaml"]),
+                        "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the same experiment and seed 0; give each seed once" in err and err.count("\n") == 1
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["hypermaml"], unfinished)
+    (unfinished / "test.json").unlink()
+    assert tables_main(["seeds", str(runs["hypermaml"]), str(unfinished)]) == 2
+    assert f"{unfinished}: not finished (epoch 3 of 3)" in capsys.readouterr().err

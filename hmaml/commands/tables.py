@@ -7,6 +7,11 @@
   50, 100 inner steps (--steps) and for HyperMAML; writes steps.json and steps.png (accuracy vs
   seconds) into --out (default: <maml run>/steps).
 Both take --episodes and --repeats (default: each run's eval.test_episodes and eval.test_repeats).
+`python launch/tables.py seeds RUN [RUN ...]`
+  The comparison over seeds: finished runs grouped by experiment (configs equal but for the seed
+  and how a run is watched), each run's test and best epoch, each experiment's mean ± sample std
+  over its seeds; writes seeds.json and seeds.png (validation curves) into --out (default:
+  <first run's folder>/../seeds).
 """
 
 from __future__ import annotations
@@ -42,13 +47,23 @@ def main(argv: list[str] | None = None) -> int:
                              help="MAML inner steps to test (default: %(default)s)")
             sub.add_argument("--out", help="folder for steps.json and steps.png "
                                            "(default: <maml run>/steps)")
+    text = "the comparison over seeds of finished runs"
+    seeds = commands.add_parser("seeds", help=text, description=text)
+    seeds.add_argument("runs", nargs="+", help="finished run directories")
+    seeds.add_argument("--out", help="folder for seeds.json and seeds.png "
+                                     "(default: <first run's folder>/../seeds)")
     args = parser.parse_args(argv)
     for flag in ("episodes", "repeats"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise HmamlError(f"--{flag}={getattr(args, flag)} must be at least 1")
     from hmaml import tables
 
-    if args.command == "norms":
+    if args.command == "seeds":
+        out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent / "seeds"
+        groups = tables.seeds_report(args.runs, out)
+        print("\n".join(tables.seeds_lines(groups)))
+        print(f"wrote {out / 'seeds.json'} and {out / 'seeds.png'}")
+    elif args.command == "norms":
         rows = tables.update_norms(args.maml, args.hypermaml, episodes=args.episodes,
                                    repeats=args.repeats)
         print("\n".join(tables.norms_lines(rows)))
