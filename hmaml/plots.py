@@ -14,6 +14,13 @@ from typing import Any
 import numpy as np
 
 
+def _save(fig: Any, out_png: str | Path) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def phase_spans(history: Sequence[Mapping[str, Any]]) -> list[tuple[float, float, str]]:
     """Contiguous ``(first_epoch, last_epoch + 1, phase)`` runs of the MAML weight ``p``:
     ``"warm-up"`` where p == 1 and ``"switch"`` where 0 < p < 1 (epochs without p are skipped)."""
@@ -87,10 +94,7 @@ def plot_learning_curve(history: Sequence[Mapping[str, Any]], out_png: str | Pat
 
         handles.append(Line2D([], [], color="grey", ls="--", lw=1, label="LR drop"))
     acc_ax.legend(handles=handles, loc="best", fontsize="small")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_png)
 
 
 def plot_steps(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: str = "") -> Path:
@@ -125,10 +129,7 @@ def plot_steps(rows: Sequence[Mapping[str, Any]], out_png: str | Path, title: st
         ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_png)
 
 
 def plot_seeds(groups: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path:
@@ -160,10 +161,7 @@ def plot_seeds(groups: Sequence[Mapping[str, Any]], out_png: str | Path) -> Path
                  fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_png)
 
 
 def plot_bars(labels: Sequence[str], accuracies: Sequence[float | None],
@@ -187,10 +185,7 @@ def plot_bars(labels: Sequence[str], accuracies: Sequence[float | None],
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(heights) + max(errors) + 5))
     ax.set_title(title)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_png)
 
 
 @dataclass
@@ -241,10 +236,7 @@ def plot_toy(rows: Sequence[tuple[str, Sequence[ToyPanel]]], titles: Sequence[st
                 ax.set_ylabel(label, fontsize=11)
     axes[0][0].legend(loc="lower left", fontsize=8)
     fig.suptitle("Decision regions after adaptation; blue: universal boundary, red: adapted")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_png)
 
 
 def _draw_boundary(ax: Any, normal: tuple[float, float], offset: float, colour: str, label: str,
