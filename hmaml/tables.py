@@ -10,7 +10,6 @@ across machines). The comparison over seeds reads the runs' own ``test.json`` an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -188,8 +187,7 @@ def seed_groups(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise HmamlError(f"{rd.path} and {twin}: the same experiment and seed {seed}; give "
                              "each seed once")
         repeats = [r["ci95"] for r in test.get("test_repeats", [])]
-        history = [json.loads(line) for line in rd.history.read_text().splitlines() if line] \
-            if rd.history.is_file() else []
+        history = rd.read_history()
         group["runs"].append({
             "run": str(rd.path), "seed": seed, "test_acc": test["test_acc"],
             "test_std": test["test_std"], "lists": len(repeats),

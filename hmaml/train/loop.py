@@ -303,10 +303,8 @@ class Trainer:
         earlier = state.get("run_s")
         self.earlier_s = None if earlier is None else float(earlier)
         self.processes = int(state.get("processes", 1)) + 1
-        if self.rd.history.is_file():
-            rows = [json.loads(line) for line in self.rd.history.read_text().splitlines()
-                    if line]
-            self.history = [row for row in rows if row["epoch"] <= self.epoch]  # rows are 1-based
+        self.history = [row for row in self.rd.read_history()
+                        if row["epoch"] <= self.epoch]  # rows are 1-based
         return self.rd.path / zero if zero else None
 
     def _state(self, epoch: int, step: int, *, full: bool, zero: str | None = None

@@ -85,6 +85,12 @@ class RunDir:
     evaluation = property(lambda self: self._file("evaluate.json"))
     encoder = property(lambda self: self._file("encoder.pt"))
 
+    def read_history(self) -> list[dict[str, Any]]:
+        """The per-epoch rows of ``history.jsonl`` (none when the run has not finished an epoch)."""
+        if not self.history.is_file():
+            return []
+        return [json.loads(line) for line in self.history.read_text().splitlines() if line]
+
     def zero_state(self, epoch: int, step: int) -> Path:
         return self._file(f"{ZERO_PREFIX}{epoch:06d}-{step:06d}")
 
