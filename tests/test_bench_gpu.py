@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmaml import bench_gpu
+from hmaml.bench import gpu as bench_gpu
 from tests.train_fixtures import ROOT, single_thread_env, tiny_pack
 
 __all__ = ["tiny_pack"]  # the fixture, re-exported for pytest
@@ -104,7 +104,7 @@ def test_the_training_benchmark_prints_every_variant_as_json() -> None:
 
 
 def test_targets_say_met_or_missed_in_the_right_direction() -> None:
-    from hmaml.bench_train import targets
+    from hmaml.bench.train import targets
 
     met = targets({"hypermaml_bf16": 13.0, "evaluate_s": 20.0, "evaluate_peak_mb": 400.0},
                   "hypermaml_bf16")

@@ -320,7 +320,7 @@ def test_eval_episodes_ignore_shard_layout(tmp_path: Path) -> None:
 
 
 def test_loader_bench_reports_json_last(pack: Path, capsys: pytest.CaptureFixture) -> None:
-    from hmaml.data.loader_bench import main
+    from hmaml.bench.loader import main
 
     assert main(["--shards", str(pack), "--way", "3", "--shot", "1", "--query", "2",
                  "--tasks-per-batch", "4", "--seconds", "0.05"]) == 0

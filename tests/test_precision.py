@@ -2,7 +2,7 @@
 
 The parity tests compare every method's query logits and gradients with a bf16 encoder against
 fp32 on the same weights and tasks, within the tolerances the GPU check states
-(:data:`hmaml.bench_gpu.TOLERANCE`).
+(:data:`hmaml.bench.gpu.TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmaml.bench_gpu import (
+from hmaml.bench.gpu import (
     FULL,
     TOLERANCE,
     WHOLE_NETWORK_TOLERANCE,

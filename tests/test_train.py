@@ -280,7 +280,7 @@ def test_evaluation_batches_fit_the_memory_budget_and_do_not_change_results(
 def test_the_benchmark_times_an_evaluation_process_and_its_own_peak_memory(
         uninterrupted: Path) -> None:
     """The peak is the evaluation's own (VmHWM), not the benchmark's that forked it."""
-    from hmaml.bench_train import evaluate_process
+    from hmaml.bench.train import evaluate_process
 
     ballast = torch.ones(1200 * 2**20 // 4)  # 1.2 GB in this process before the fork
     figures = evaluate_process(uninterrupted, 8)

@@ -11,11 +11,11 @@ from hmaml.errors import one_line_errors
 #: command -> (module with ``main(argv)``, what it measures); modules are imported on use, since
 #: each pulls in its own heavy dependencies (torch, webdataset).
 COMMANDS = {
-    "adapt": ("hmaml.bench", "adaptation and training speed of the methods"),
-    "loader": ("hmaml.data.loader_bench", "episodes per second of the episodic data stream"),
-    "train": ("hmaml.bench_train", "training tasks/s (fp32, bf16, compiled) against a plain "
+    "adapt": ("hmaml.bench.adapt", "adaptation and training speed of the methods"),
+    "loader": ("hmaml.bench.loader", "episodes per second of the episodic data stream"),
+    "train": ("hmaml.bench.train", "training tasks/s (fp32, bf16, compiled) against a plain "
                                    "Conv4, and the 600-task evaluation process"),
-    "gpu": ("hmaml.bench_gpu", "the GPU check: bf16 numerics, NCCL DDP, speed, a short "
+    "gpu": ("hmaml.bench.gpu", "the GPU check: bf16 numerics, NCCL DDP, speed, a short "
                                "training run"),
 }
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hmaml.bench import random_batch
+from hmaml.bench.common import random_batch
 from hmaml.methods import HyperMAML
 from hmaml.models import build_encoder
 from hmaml.precision import resolve_precision

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from hmaml.bench_train import hypermaml_step
+from hmaml.bench.train import hypermaml_step
 from hmaml.data.episodes import train_loader
 from hmaml.data.format import (
     MANIFEST_NAME,

@@ -1,7 +1,7 @@
 """Adaptation and training speed of the methods (prints figures, asserts nothing).
 
 What it measures, on Conv4 at 28 px, 5-way 1-shot, 15 queries per class (the GPU check,
-:mod:`hmaml.bench_gpu`, also runs the adaptation part at 84 px):
+:mod:`hmaml.bench.gpu`, also runs the adaptation part at 84 px):
 - seconds to classify 600 random tasks, in meta-batches, for the encoder alone (the floor),
   MAML adapting the whole network (the paper's baseline) with 1/2/5/10 steps, MAML adapting the
   head only, and HyperMAML — each also as a ratio to the encoder alone;
@@ -17,26 +17,12 @@ from collections.abc import Callable
 
 import torch
 
+from hmaml.bench.common import random_batch, sync
 from hmaml.config import MIXED_PRECISION
 from hmaml.methods import MAML, HyperMAML, Method
 from hmaml.models import build_encoder
 from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
-
-
-def random_batch(tasks: int, n_way: int, shot: int, query: int, device: torch.device,
-                 channels: int = 1, size: int = 28) -> TaskBatch:
-    """Random images with class-sorted labels: speed does not depend on the content."""
-    sy = torch.arange(n_way).repeat_interleave(shot).expand(tasks, -1)
-    qy = torch.arange(n_way).repeat_interleave(query).expand(tasks, -1)
-    return TaskBatch(torch.rand(tasks, n_way * shot, channels, size, size), sy,
-                     torch.rand(tasks, n_way * query, channels, size, size), qy,
-                     n_way).to(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: int,
@@ -70,11 +56,11 @@ def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: i
 
     def timed(name: str, batch: TaskBatch) -> float:
         method, run = runners[name]
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.no_grad() if method.adapts_with_autograd else torch.inference_mode():
             run(batch)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
     best = dict.fromkeys(runners, float("inf"))
@@ -114,10 +100,10 @@ def train_throughput(device: torch.device, meta_batch: int, steps: int,
     seconds = {"train_batched_eps": 0.0, "train_loop_eps": 0.0}
     for _ in range(steps):
         for key, step in (("train_batched_eps", batched), ("train_loop_eps", one_by_one)):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             seconds[key] += time.perf_counter() - start
     return {key: meta_batch * steps / value for key, value in seconds.items()}
 

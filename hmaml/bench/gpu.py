@@ -7,8 +7,8 @@ Sections, in the order they run:
   on the same random tasks, with the tolerance expected of bf16 and a pass flag;
 - ``ddp``: a method wrapped in DDP on a 1-process NCCL group makes the same updates as the plain
   method (the k-process equivalence itself is tested on CPU, with gloo);
-- ``adapt``: :func:`hmaml.bench.adapt_times` at 28 px (Conv4, grey) and 84 px (Conv4Pool, RGB),
-  fp32 and bf16, timed with ``torch.cuda.synchronize``;
+- ``adapt``: :func:`hmaml.bench.adapt.adapt_times` at 28 px (Conv4, grey) and 84 px (Conv4Pool,
+  RGB), fp32 and bf16, timed with ``torch.cuda.synchronize``;
 - ``train_speed``: HyperMAML training tasks/s and peak memory, fp32 and bf16 encoder;
 - ``train_run``: a few epochs of Omniglot -> EMNIST through the real training loop (on the
   device the loop chooses: CUDA when there is one);
@@ -46,8 +46,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from hmaml.bench import adapt_times
-from hmaml.bench_train import hypermaml_step
+from hmaml.bench.adapt import adapt_times
+from hmaml.bench.common import sync
+from hmaml.bench.train import hypermaml_step
 from hmaml.data.format import MANIFEST_NAME
 from hmaml.errors import HmamlError
 from hmaml.methods import MAML, HyperMAML, Method, ProtoNet
@@ -129,11 +130,6 @@ class SectionTimeout(Exception):
 
 def log(message: str) -> None:
     print(f"[bench gpu] {message}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def error_text(exc: BaseException) -> str:
