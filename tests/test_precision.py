@@ -51,9 +51,14 @@ def test_auto_picks_bf16_on_cpus_with_native_bf16_only(tmp_path: Path) -> None:
 
 
 def test_auto_on_cuda_follows_the_compute_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled (CUDA graphs): bf16 from compute capability 8.0; eager: fp32, saying why."""
     for capability, expected in (((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "no")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d, c=capability: c)
-        assert resolve_precision("auto", torch.device("cuda")).name == expected
+        assert resolve_precision("auto", torch.device("cuda"), compiled=True).name == expected
+        eager = resolve_precision("auto", torch.device("cuda"))
+        assert eager.name == "no"
+        if capability[0] >= 8:
+            assert "without train.compile" in eager.reason and "launches" in eager.reason
 
 
 def test_an_explicit_precision_is_kept(tmp_path: Path) -> None:

@@ -273,6 +273,57 @@ def test_cpu_trial_of_two_tasks_trains_as_world_of_two_and_survives_the_time_lim
     assert (progress["status"], progress["epoch"]) == ("finished", 4)
 
 
+# --- trials packed into one job (executor.trials_per_gpu) -----------------------------------
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_packed_trials_share_a_job_survive_its_time_limit_signal_and_end_as_if_alone(
+        tmp_path: Path, tiny_pack: Path) -> None:
+    """``trials_per_gpu: 2`` without GPUs: three identical trials become two jobs of two tasks
+    (the last one idle), each task a world of one with its own folder and child run. SIGUSR2 to
+    the first job stops both of its trials at a step; task 0 waits for its partner's checkpoint,
+    then submitit requeues the job; both resume and end bit for bit as the uninterrupted one."""
+    from hmaml.sweep import submit
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    path = write_sweep(tmp_path, {
+        **PREEMPTIBLE, "variants": [{"name": n, "overrides": {}} for n in ("a", "b", "calm")],
+        "executor": {"cluster": "slurm", "gpus_per_node": 0, "trials_per_gpu": 2,
+                     "cpus_per_task": 1, "timeout_min": 10, "signal_delay_s": 60}},
+        pack=tiny_pack, tracking_uri=uri)
+    out = submit(path, echo=lambda _: None)
+    jobs = out["submitted"]
+    assert jobs["a_seed=0"] == jobs["b_seed=0"] != jobs["calm_seed=0"]
+    packed, sweep_dir = jobs["a_seed=0"], tmp_path / "out"
+    wait_for("the first epoch of both packed trials", lambda: all(
+        first_epoch_done(sweep_dir / n) for n in ("a_seed=0", "b_seed=0")), jobs=(packed,))
+    subprocess.run(["scancel", "--signal=USR2", packed], check=True, timeout=60)
+    wait_for("both packed trials to record their stop", lambda: all(
+        read_json(sweep_dir / n / "trial.json").get("state") == "preempted"
+        for n in ("a_seed=0", "b_seed=0")), jobs=(packed,))
+    release_when_requeued(packed)
+    wait_for("every trial to finish", lambda: all(
+        (sweep_dir / n / "test.json").is_file() for n in jobs), jobs=tuple(set(jobs.values())))
+    wait_for("both jobs to end", lambda: not any(
+        still_running(None, job) for job in set(jobs.values())), jobs=tuple(set(jobs.values())))
+
+    children = child_runs(uri, out["parent_run_id"])
+    assert sorted(c["name"] for c in children) == sorted(jobs)
+    assert all(c["status"] == "FINISHED" and c["tags"]["world_size"] == "1" for c in children)
+    for name, restarts in (("a_seed=0", 1), ("b_seed=0", 1), ("calm_seed=0", 0)):
+        record = read_json(sweep_dir / name / "trial.json")
+        assert (record["state"], record["restarts"], record["job_id"]) == (
+            "finished", restarts, jobs[name])
+        for file in ("checkpoint.pt", "best.pt"):
+            expected, got = model_state(sweep_dir / "calm_seed=0" / file), \
+                model_state(sweep_dir / name / file)
+            assert all(torch.equal(expected[k], got[k]) for k in expected), (name, file)
+    logs = {p.name: p.read_text() for p in (sweep_dir / "submitit").glob(f"{packed}/*_log.out")}
+    assert len(logs) == 2
+    for text in logs.values():  # each task trained alone, then resumed
+        assert text.count("processes 1 on cpu") == 2 and "resuming at epoch" in text
+
+
 # --- the sbatch template for one run without a sweep -----------------------------------------
 
 

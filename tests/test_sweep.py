@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -128,6 +129,14 @@ def test_random_samples_are_reproducible_and_inside_their_space(tmp_path: Path) 
     ({"executor": {"additional_parameters": {"exclude": ["a", "b"]}}},
      "executor.additional_parameters.exclude=['a', 'b'] must be a string or number"),
     ({"executor": {"setup": "module load cuda"}}, "executor.setup"),
+    ({"executor": {"trials_per_gpu": 0}}, "executor.trials_per_gpu=0 must be >= 1"),
+    ({"executor": {"trials_per_gpu": 2, "gpus_per_node": 2}},
+     "executor.trials_per_gpu=2 packs one-process trials: it needs gpus_per_node <= 1"),
+    ({"executor": {"trials_per_gpu": 2, "tasks_per_node": 2}},
+     "executor.trials_per_gpu=2 packs one-process trials"),
+    ({"executor": {"visible_gpus": [0, 0]}}, "executor.visible_gpus=[0, 0] must list distinct"),
+    ({"executor": {"gpus_per_node": 2, "visible_gpus": [1]}},
+     "executor.gpus_per_node=2 is more than the 1 executor.visible_gpus"),
 ])
 def test_bad_sweep_files_are_refused_naming_the_culprit(tmp_path: Path, body: dict,
                                                         culprit: str) -> None:
@@ -294,6 +303,73 @@ def test_local_executor_runs_trials_as_processes(tmp_path: Path, tiny_pack: Path
         pids.add(marker["pid"])
     assert len(pids) == 2 and os.getpid() not in pids
     assert (tmp_path / "out" / "summary.csv").read_text().count("\n") == 3
+
+
+def test_local_trials_share_each_gpu_k_at_a_time(tmp_path: Path, tiny_pack: Path) -> None:
+    """executor.trials_per_gpu: 2 on two GPUs: four trials at once, spread over the GPUs before
+    they share one, the fifth when a place frees; each its own process, folder, child run."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    path = write_sweep(tmp_path, {"seeds": [0, 1, 2, 3, 4], "executor": {
+        "cluster": "local", "gpus_per_node": 1, "trials_per_gpu": 2, "visible_gpus": [3, 5],
+        "timeout_min": 10}}, pack=tiny_pack, tracking_uri=uri)
+    lines: list[str] = []
+    out = submit(path, echo=lines.append)
+    started = [line.rsplit(" on GPU ", 1)[1] for line in lines if "started as local job" in line]
+    assert started[:4] == ["3", "5", "3", "5"] and len(started) == 5
+    spans: dict[str, list[tuple[float, float]]] = {"3": [], "5": []}
+    pids = set()
+    for name in out["submitted"]:
+        rd = RunDir(tmp_path / "out" / name)
+        record = json.loads(rd.trial.read_text())
+        assert record["state"] == "finished"
+        pids.add(record["pid"])
+        history = rd.read_history()
+        spans[record["cuda_visible_devices"]].append(
+            (history[0]["time"] - history[0]["epoch_s"], history[-1]["time"]))
+    assert len(pids) == 5
+    for gpu, windows in spans.items():  # never three trials training on one GPU at once
+        for start, _ in windows:
+            assert sum(a <= start < b for a, b in windows) <= 2, (gpu, windows)
+    children = child_runs(uri, out["parent_run_id"])
+    assert sorted(c["name"] for c in children) == sorted(out["submitted"])
+    assert all(c["status"] == "FINISHED" for c in children)
+
+
+def test_local_packing_without_gpus_is_refused(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, {"executor": {"cluster": "local", "trials_per_gpu": 2}})
+    with pytest.raises(HmamlError, match=re.escape(
+            "executor.trials_per_gpu=2 without GPUs packs trials into SLURM jobs; locally, "
+            "executor.max_local_parallel")):
+        submit(path, echo=lambda _: None)
+
+
+def test_gpu_trials_on_a_machine_without_gpus_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    path = write_sweep(tmp_path, {"executor": {"cluster": "local", "gpus_per_node": 1}})
+    with pytest.raises(HmamlError, match=r"executor.gpus_per_node=1, but this machine shows 0 "
+                                         r"GPUs \(CUDA_VISIBLE_DEVICES=\)"):
+        submit(path, dry_run=True, echo=lambda _: None)
+
+
+def test_the_sweep_file_takes_overrides_on_the_command_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.sweep import main
+
+    path = write_sweep(tmp_path, {"grid": {"train.lr": [0.01]},
+                                  "executor": {"cluster": "slurm", "gpus_per_node": 1}})
+    assert main(["--sweep", str(path), "--dry-run", f"sweep_dir={tmp_path / 'elsewhere'}",
+                 "seeds=[1,2,3]", "overrides.train.epochs=7", "executor.trials_per_gpu=2",
+                 "grid.train.lr=[0.1]"]) == 0
+    out = capsys.readouterr().out
+    assert f"3 trials of tiny in {tmp_path / 'elsewhere'}" in out
+    assert "lr=0.1_seed=3: train.epochs=7 train.lr=0.1 seed=3" in out
+    assert "tasks_per_node: 2" in out and "one job array of 2 jobs, 2 trials each (sharing its " \
+        "GPU)" in out
+    assert main(["--sweep", str(path), "--dry-run", "executor"]) == 2
+    assert "sweep override 'executor' must look like key.sub=value" in capsys.readouterr().err
+    assert main(["--sweep", str(path), "--dry-run", "executor.gpu_count=2"]) == 2
+    assert "unknown key 'executor.gpu_count'" in capsys.readouterr().err
 
 
 class _StopAfterFirstEpoch(TrialJob):

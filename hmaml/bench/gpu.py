@@ -46,18 +46,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from hmaml.bench import equivalence, runs, sweeps
 from hmaml.bench.adapt import adapt_times
 from hmaml.bench.common import sync
 from hmaml.bench.train import hypermaml_step
-from hmaml.data.format import MANIFEST_NAME
 from hmaml.errors import HmamlError
 from hmaml.methods import MAML, HyperMAML, Method, ProtoNet
 from hmaml.models import build_encoder
+from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
-from hmaml.train.rundir import Status
 
-SECTIONS = ("env", "numerics", "ddp", "adapt", "train_speed", "train_run",
-            "train_speed_compiled")
+#: In the order they run: what the GPU issue needs first (equivalence, speed, the seeds and
+#: the old code side by side, the paper's rows), then the measurements that can wait.
+SECTIONS = ("env", "equivalence", "numerics", "ddp", "train_speed", "train_run", "paper",
+            "trials", "paper_maml", "adapt", "train_speed_compiled")
 
 #: bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4 %). With fp32 accumulation and the
 #: BN statistics, softmax and losses in fp32, the logits of a randomly initialised Conv4 differ
@@ -92,6 +94,12 @@ class Sizes:
     speed_steps: int
     compile: bool
     run_overrides: tuple[str, ...]
+    equivalence: equivalence.EquivalenceSizes
+    seeds: tuple[int, ...]  # train_run: the seeds of each variant
+    run_parallel: int  # train_run: runs at once (all of them share the device)
+    trial_counts: tuple[int, ...]  # trials: how many trials share the device, in turn
+    trial_overrides: tuple[str, ...]  # trials: each trial's config (omni_emnist1 +)
+    paper_overrides: tuple[str, ...]  # paper: changes to the paper sweep (smoke: tiny)
     needs: dict[str, float]  # seconds of budget a section needs to start
     caps: dict[str, float]  # seconds after which a section is interrupted
 
@@ -102,13 +110,23 @@ FULL = Sizes(
     speed_tasks=32, speed_query=16, speed_steps=30, compile=True,
     # 10 epochs of 1,280 tasks: the recipe's warm-up (W = 50) and switch (S = 500) of 2048
     # epochs scaled down, the LR milestones at W + 1 and W + S as in the full recipe
-    run_overrides=("data.workers=4", "train.epochs=10", "train.episodes_per_epoch=1280",
+    # (one data worker each: nine runs share the GPU machine's 16 cores)
+    run_overrides=("data.workers=1", "train.epochs=10", "train.episodes_per_epoch=1280",
                    "method.warmup_start=1", "method.warmup_len=3", "train.lr_milestones=[2,4]",
                    "eval.every=5"),
-    needs={"env": 0, "numerics": 10, "ddp": 10, "adapt": 40, "train_speed": 15,
-           "train_run": 60, "train_speed_compiled": 60},
-    caps={"env": 30, "numerics": 60, "ddp": 30, "adapt": 150, "train_speed": 60,
-          "train_run": 180, "train_speed_compiled": 150},
+    equivalence=equivalence.FULL, seeds=(0, 1, 2), run_parallel=9,
+    trial_counts=(1, 2, 4, 8),
+    # 60 epochs of 100 episodes, the recipe's schedule scaled by 60 / 2048
+    trial_overrides=("train.epochs=60", "method.warmup_start=2", "method.warmup_len=15",
+                     "train.lr_milestones=[3,17]", "eval.every=60", "eval.test_repeats=1",
+                     "eval.test_episodes=100", "data.workers=1"),
+    paper_overrides=(),
+    needs={"env": 0, "equivalence": 40, "numerics": 10, "ddp": 10, "train_speed": 15,
+           "train_run": 60, "paper": 200, "trials": 60, "paper_maml": 200, "adapt": 40,
+           "train_speed_compiled": 60},
+    caps={"env": 30, "equivalence": 180, "numerics": 60, "ddp": 30, "train_speed": 60,
+          "train_run": 150, "paper": 330, "trials": 150, "paper_maml": 330, "adapt": 150,
+          "train_speed_compiled": 150},
 )
 SMOKE = Sizes(
     tasks=3, way=4, shot=2, query=3, size=16, hn_width=32, ddp_steps=3,
@@ -118,9 +136,20 @@ SMOKE = Sizes(
                    "train.meta_batch=4", "method.warmup_start=0", "method.warmup_len=1",
                    "train.lr_milestones=[]", "method.hn_width=32", "eval.val_episodes=4",
                    "eval.test_episodes=8", "eval.tasks_per_batch=4"),
+    equivalence=equivalence.SMOKE, seeds=(0, 1), run_parallel=2, trial_counts=(1, 2),
+    trial_overrides=("train.epochs=2", "train.episodes_per_epoch=8", "train.meta_batch=4",
+                     "method.hn_width=32", "eval.val_episodes=4", "eval.test_episodes=8",
+                     "eval.test_repeats=1", "data.workers=0"),
+    paper_overrides=("seeds=[0]", "overrides.train.epochs=2",
+                     "overrides.train.episodes_per_epoch=8", "overrides.train.meta_batch=4",
+                     "overrides.method.hn_width=32", "overrides.eval.val_episodes=4",
+                     "overrides.eval.test_episodes=8", "overrides.eval.test_repeats=2",
+                     "overrides.eval.every=1", "overrides.data.workers=0",
+                     "overrides.data.n_query=2", "overrides.data.test_query=2"),
     needs=dict.fromkeys(SECTIONS, 0.0),
-    caps={"env": 30, "numerics": 60, "ddp": 30, "adapt": 60, "train_speed": 30,
-          "train_run": 90, "train_speed_compiled": 30},
+    caps={"env": 30, "equivalence": 90, "numerics": 60, "ddp": 30, "adapt": 60,
+          "train_speed": 30, "train_run": 120, "paper": 120, "trials": 120, "paper_maml": 120,
+          "train_speed_compiled": 30},
 )
 
 
@@ -168,17 +197,6 @@ def stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-
-
-@contextlib.contextmanager
-def ieee_fp32() -> Iterator[None]:
-    """Plain fp32 convolutions and matmuls (no TF32), so fp32 is a reference for bf16."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -300,7 +318,7 @@ def section_numerics(device: torch.device, sizes: Sizes, args: argparse.Namespac
     batch = signed_tasks(sizes, seed=0, device=device)
     methods: dict[str, Any] = {}
     out["methods"] = methods
-    with ieee_fp32():
+    with equivalence.no_tf32():  # fp32 as the reference for bf16
         for name, build in numerics_cases(sizes).items():
             torch.manual_seed(0)
             tolerance = WHOLE_NETWORK_TOLERANCE if name == "maml_all" else TOLERANCE
@@ -419,6 +437,9 @@ def section_train_speed(device: torch.device, sizes: Sizes, args: argparse.Names
     for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         out[precision] = train_rate(device, sizes, dtype, compiled=False)
         log(f"train_speed {precision}: {out[precision]}")
+    ratio = out["bf16"]["tasks_per_s"] / out["fp32"]["tasks_per_s"]
+    out["bf16_over_fp32"] = round(ratio, 3)
+    out["auto"] = str(resolve_precision("auto", device))  # what training picks here, eager
 
 
 def section_train_speed_compiled(device: torch.device, sizes: Sizes, args: argparse.Namespace,
@@ -430,46 +451,98 @@ def section_train_speed_compiled(device: torch.device, sizes: Sizes, args: argpa
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
         out[precision] = train_rate(device, sizes, dtype, compiled=True)
         log(f"train_speed_compiled {precision}: {out[precision]}")
+    out["bf16_over_fp32"] = round(out["bf16"]["tasks_per_s"] / out["fp32"]["tasks_per_s"], 3)
+    out["auto"] = str(resolve_precision("auto", device, compiled=True))
+
+
+def section_equivalence(device: torch.device, sizes: Sizes, args: argparse.Namespace,
+                        out: dict[str, Any]) -> None:
+    out.update(equivalence.run(device, Path(args.packs), sizes.equivalence, log))
+
+
+def prepare_packs(args: argparse.Namespace) -> dict[str, Any]:
+    """Pack what is missing from ``--raw`` before any section: this checkout's packs and, with
+    ``--compare-commit``, that code's own (each code reads its own pack format)."""
+    start = time.perf_counter()
+    out: dict[str, Any] = {"packs": args.packs}
+    try:
+        raw = Path(args.raw) if args.raw else None
+        runs.ensure_packs(runs.checkout_code(Path(args.packs)), raw, log)
+        compare = compare_code(args)
+        if compare is not None:
+            runs.ensure_packs(compare, raw, log)
+            out["compare_packs"] = str(compare.packs)
+    except Exception as exc:  # the sections that need them report it again
+        out["error"] = error_text(exc)
+        log(f"packs: {out['error']}")
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def compare_code(args: argparse.Namespace) -> runs.Code | None:
+    """The earlier commit that ``train_run`` trains beside this checkout, if one is asked for:
+    its tree (``--compare-src``, extracted there by ``git archive`` when empty) and its packs."""
+    if not args.compare_commit:
+        return None
+    root = runs.checkout_code(Path(args.packs)).root
+    tree = Path(args.compare_src or Path(args.workdir) / f"code-{args.compare_commit}")
+    packs = Path(args.compare_packs or f"{args.packs}-{args.compare_commit}")
+    return runs.Code(args.compare_commit, runs.extract_commit(root, args.compare_commit, tree),
+                     packs)
 
 
 def section_train_run(device: torch.device, sizes: Sizes, args: argparse.Namespace,
                       out: dict[str, Any]) -> None:
-    # Imported here: the training loop needs omegaconf and webdataset, which a bare GPU image
-    # lacks until the README's wheels are installed; without them only this section fails.
-    from hmaml.config import load_config
-    from hmaml.train.loop import train
-
-    packs = Path(args.packs)
-    train_pack, eval_pack = packs / "omniglot_nolatin", packs / "emnist"
-    missing = [str(p) for p in (train_pack, eval_pack) if not (p / MANIFEST_NAME).is_file()]
-    if missing:
-        raise HmamlError(f"packs not found: {', '.join(missing)} (README: Benchmarks)")
-    with tempfile.TemporaryDirectory(prefix="hmaml-bench-") as tmp:
-        overrides = ["tracking.enabled=false", "train.progress=false", f"run_dir={tmp}/run",
-                     f"data.train_pack={train_pack}", f"data.eval_pack={eval_pack}",
-                     *sizes.run_overrides]
-        cfg = load_config("omni_emnist1", overrides)
-        out["overrides"] = overrides[3:]
-        result = train(cfg)
-    if result.status != Status.FINISHED or result.test is None:
-        raise HmamlError(f"the training run stopped early: {result}")
-    summary = result.test
-    tasks = cfg.train.epochs * cfg.train.episodes_per_epoch
-    out.update({key: summary.get(key) for key in ("status", "test_acc", "test_ci",
-                                                  "test_episodes", "best_val_acc", "epoch")})
-    out.update(trained_tasks=tasks, wall_s=round(summary["wall_s"], 2),
-               tasks_per_s_incl_eval=round(tasks / summary["wall_s"], 1))
+    workdir = Path(args.workdir) / "train_run"
+    out.update(runs.seed_comparison(
+        packs=Path(args.packs), raw=Path(args.raw) if args.raw else None,
+        compare=compare_code(args), seeds=sizes.seeds, schedule=sizes.run_overrides,
+        parallel=sizes.run_parallel, workdir=workdir, deadline=args.section_deadline, log=log))
     log(f"train_run: {out}")
+
+
+def gpu_index(device: torch.device) -> int:
+    """The GPU the trials of a sweep section share (on CPU, a stand-in index: the trials then
+    run on the CPU, which tests the packing itself)."""
+    return device.index or 0 if device.type == "cuda" else 0
+
+
+def section_trials(device: torch.device, sizes: Sizes, args: argparse.Namespace,
+                   out: dict[str, Any]) -> None:
+    out.update(sweeps.trials_throughput(sizes.trial_counts, sizes.trial_overrides,
+                                        Path(args.packs), gpu_index(device),
+                                        Path(args.workdir) / "trials", log))
+
+
+def section_paper(device: torch.device, sizes: Sizes, args: argparse.Namespace,
+                  out: dict[str, Any]) -> None:
+    out.update(sweeps.paper_rows("paper_omni_emnist", sizes.paper_overrides, Path(args.packs),
+                                 gpu_index(device), Path(args.workdir), _out_dir(args), log))
+
+
+def section_paper_maml(device: torch.device, sizes: Sizes, args: argparse.Namespace,
+                       out: dict[str, Any]) -> None:
+    out.update(sweeps.paper_rows("paper_maml_omni_emnist", sizes.paper_overrides,
+                                 Path(args.packs), gpu_index(device), Path(args.workdir),
+                                 _out_dir(args), log))
+
+
+def _out_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.out) if args.out else None
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[torch.device, Sizes, argparse.Namespace,
                                        dict[str, Any]], None]] = {
     "env": section_env,
+    "equivalence": section_equivalence,
     "numerics": section_numerics,
     "ddp": section_ddp,
-    "adapt": section_adapt,
     "train_speed": section_train_speed,
     "train_run": section_train_run,
+    "paper": section_paper,
+    "trials": section_trials,
+    "paper_maml": section_paper_maml,
+    "adapt": section_adapt,
     "train_speed_compiled": section_train_speed_compiled,
 }
 
@@ -484,8 +557,11 @@ def run_section(name: str, device: torch.device, sizes: Sizes, args: argparse.Na
     log(f"{name} ...")
     out: dict[str, Any] = {}
     start = time.perf_counter()
+    limit = min(sizes.caps[name], left)
+    # sections that wait for processes stop them a little before the alarm, keeping results
+    args.section_deadline = start + max(limit - 10.0, limit / 2)
     try:
-        with time_limit(min(sizes.caps[name], left)):
+        with time_limit(limit):
             SECTION_FUNCTIONS[name](device, sizes, args, out)
     except Exception as exc:  # every section reports its own failure; the others still run
         out["error"] = error_text(exc)
@@ -502,14 +578,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--smoke", action="store_true",
                         help="every section tiny (seconds on CPU): tests the check itself")
-    parser.add_argument("--budget-s", type=float, default=420.0,
+    parser.add_argument("--budget-s", type=float, default=540.0,
                         help="skip the sections that no longer fit (default: %(default)s)")
     parser.add_argument("--packs", default="shards",
                         help="folder holding the omniglot_nolatin and emnist packs "
                              "(default: %(default)s)")
+    parser.add_argument("--raw", metavar="DIR",
+                        help="raw Omniglot and EMNIST (omniglot/*.zip, emnist/emnist.zip) to "
+                             "pack from where a pack is missing (this checkout's and the "
+                             "compared commit's)")
+    parser.add_argument("--compare-commit", metavar="REV",
+                        help="train_run: train this earlier commit's code beside this "
+                             "checkout, seed for seed")
+    parser.add_argument("--compare-src", metavar="DIR",
+                        help="the tree of --compare-commit (extracted there with git archive "
+                             "when it is empty; a GPU machine without git gets it prepared)")
+    parser.add_argument("--compare-packs", metavar="DIR",
+                        help="the compared code's packs (default: <--packs>-<REV>)")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="run folders of the training sections (default: a temporary "
+                             "folder, removed at the end)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="also write gpu.json and the sweep summaries there")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these (default: all)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for key in ("packs", "raw", "compare_src", "compare_packs", "workdir", "out"):
+        if getattr(args, key):  # runs start in their own code's folder
+            setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    args.section_deadline = math.inf  # set by run_section for each section
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -523,9 +621,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = SMOKE if args.smoke else FULL
     result: dict[str, Any] = {"mode": "smoke" if args.smoke else "full",
                               "device": args.device, "budget_s": args.budget_s}
-    with stdout_to_stderr():
-        for name in args.sections:
-            result[name] = run_section(name, device, sizes, args, deadline)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if not args.workdir:
+            args.workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hmaml-gpu-"))
+        with stdout_to_stderr():
+            result["packs"] = prepare_packs(args)
+            for name in args.sections:
+                result[name] = run_section(name, device, sizes, args, deadline)
+                if args.out:  # after every section: a later failure loses nothing
+                    (Path(args.out) / "gpu.json").write_text(json.dumps(result, indent=1))
     result["wall_s"] = round(time.perf_counter() - start, 2)
+    if args.out:
+        (Path(args.out) / "gpu.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return result

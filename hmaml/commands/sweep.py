@@ -2,6 +2,7 @@
 
     python launch/sweep.py --sweep configs/sweeps/ablation_omni_emnist1.yaml [--cluster slurm]
     python launch/sweep.py --sweep configs/sweeps/lr_width.yaml --dry-run
+    python launch/sweep.py --sweep configs/sweeps/paper_omni_emnist.yaml executor.trials_per_gpu=3
     python launch/sweep.py --status runs/sweeps/ablation_omni_emnist1
     python launch/sweep.py --summarize runs/sweeps/ablation_omni_emnist1
 
@@ -21,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--sweep", metavar="FILE", help="a sweep file (configs/sweeps/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="with --sweep: changes to the sweep file, e.g. sweep_dir=DIR, "
+                             "executor.trials_per_gpu=4, overrides.train.epochs=10 (a trial "
+                             "override); a later submission must repeat them")
     what.add_argument("--status", metavar="SWEEP_DIR", help="print the state of every trial")
     what.add_argument("--summarize", metavar="SWEEP_DIR",
                       help="(re)build summary.md/.csv/.png and log them to the parent run")
@@ -35,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.overrides and not args.sweep:
+        parser.error("KEY=VALUE overrides go with --sweep")
     if args.sweep:
-        submit(args.sweep, cluster=args.cluster, dry_run=args.dry_run)
+        submit(args.sweep, cluster=args.cluster, dry_run=args.dry_run, overrides=args.overrides)
     elif args.status:
         table, _ = status_table(args.status)
         print(table)

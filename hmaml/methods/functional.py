@@ -13,8 +13,13 @@ def at_least_fp32(x: Tensor) -> Tensor:
 
 
 def one_hot(y: Tensor, n_way: int, dtype: torch.dtype) -> Tensor:
-    """``[T, M]`` integer labels -> ``[T, M, N]`` one-hot rows of ``dtype``."""
-    return F.one_hot(y.long(), n_way).to(dtype)
+    """``[T, M]`` integer labels -> ``[T, M, N]`` one-hot rows of ``dtype``.
+
+    A comparison, not ``F.one_hot``: that checks the labels' range with a device-to-host copy,
+    a stall of the GPU at every step. The streams and predict build labels in range, and
+    ``TaskBatch.validate`` checks a batch built by hand.
+    """
+    return (y.unsqueeze(-1) == torch.arange(n_way, device=y.device)).to(dtype)
 
 
 def class_means(x: Tensor, onehot: Tensor) -> Tensor:

@@ -9,15 +9,16 @@ sweep reports to the same parent run.
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hmaml.config import override_text
 from hmaml.errors import HmamlError
 from hmaml.files import read_json, write_json_atomic
-from hmaml.sweep.job import TrialJob
+from hmaml.sweep.job import PackedTrials, TrialJob
 from hmaml.sweep.report import SWEEP_JSON, summarize
 from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
@@ -25,8 +26,7 @@ from hmaml.train.plan import make_plan
 from hmaml.train.rundir import RunDir, Status, TrainResult, wall_time
 from hmaml.train.tracking import Tracker
 
-# submitit's LocalExecutor sends the timeout signal this long before its limit (not settable
-# through AutoExecutor).
+# submitit's LocalExecutor sends the timeout signal this long before its limit (not settable).
 LOCAL_SIGNAL_DELAY_S = 30
 _POLL_S = 0.5
 
@@ -70,6 +70,10 @@ def _check_plans(sweep: Sweep, cluster: str) -> None:
     if cluster == "local" and ex.nodes != 1:
         raise HmamlError(f"{sweep.path}: executor.nodes={ex.nodes}: the local cluster has one "
                          "node")
+    if cluster == "local" and ex.packed and not ex.gpus_per_node:
+        raise HmamlError(f"{sweep.path}: executor.trials_per_gpu={ex.trials_per_gpu} without "
+                         "GPUs packs trials into SLURM jobs; locally, executor.max_local_parallel "
+                         "sets how many trial processes run at once")
     nodes = ex.nodes if cluster == "slurm" else 1
     processes = 1 if cluster == "debug" else nodes * ex.processes_per_node()
     for trial in sweep.trials:
@@ -95,8 +99,11 @@ def _sqlite_warning(sweep: Sweep, cluster: str) -> str | None:
 
 
 def executor_parameters(spec: ExecutorSpec, cluster: str) -> dict[str, Any]:
-    """The ``submitit.AutoExecutor.update_parameters`` keywords of a cluster."""
-    tasks = spec.processes_per_node()
+    """The ``update_parameters`` keywords of the cluster's submitit executor (``AutoExecutor``
+    for SLURM, ``LocalExecutor`` locally, which also takes each trial's ``visible_gpus``); a
+    packed SLURM job has one task per trial it holds."""
+    tasks = spec.trials_per_gpu if cluster == "slurm" and spec.packed else \
+        spec.processes_per_node()
     if cluster == "slurm":
         params: dict[str, Any] = {
             "timeout_min": spec.timeout_min, "nodes": spec.nodes,
@@ -110,7 +117,7 @@ def executor_parameters(spec: ExecutorSpec, cluster: str) -> dict[str, Any]:
         return {k: v for k, v in params.items() if v is not None}
     if cluster == "local":
         return {"timeout_min": spec.timeout_min, "gpus_per_node": spec.gpus_per_node,
-                "tasks_per_node": tasks, "local_setup": ["export OMP_NUM_THREADS=1"]}
+                "tasks_per_node": tasks, "setup": ["export OMP_NUM_THREADS=1"]}
     return {}
 
 
@@ -128,23 +135,32 @@ def describe(sweep: Sweep, cluster: str) -> str:
         lines.append("  in-process, one trial after another")
     for key, value in executor_parameters(sweep.spec.executor, cluster).items():
         lines.append(f"  {key}: {value}")
+    ex = sweep.spec.executor
     if cluster == "local":
-        lines.append(f"  max_local_parallel: {sweep.spec.executor.max_local_parallel}")
+        slots = gpu_slots(ex)
+        lines.append(f"  max_local_parallel: {ex.max_local_parallel}" if slots is None else
+                     f"  trials at once: {len(slots)} ({ex.trials_per_gpu} per GPU on GPUs "
+                     f"{', '.join(sorted({str(g) for slot in slots for g in slot}))})")
     if cluster != "debug":
-        lines.append(f"  max_num_timeout: {sweep.spec.executor.max_num_timeout}")
+        lines.append(f"  max_num_timeout: {ex.max_num_timeout}")
     if cluster == "slurm":
-        lines.append(f"  one job array of {len(sweep.trials)} trials")
+        jobs = -(-len(sweep.trials) // ex.trials_per_gpu)
+        lines.append(f"  one job array of {jobs} jobs, {ex.trials_per_gpu} trials each "
+                     f"({'sharing its GPU' if ex.gpus_per_node else 'sharing its CPUs'})"
+                     if ex.packed else f"  one job array of {len(sweep.trials)} trials")
     return "\n".join(lines)
 
 
 def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = False,
-           echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Submit the unfinished trials of a sweep; returns ``{"submitted": {trial: job id}, ...}``.
+           echo: Callable[[str], None] = print, overrides: Sequence[str] = ()
+           ) -> dict[str, Any]:
+    """Submit the unfinished trials of a sweep (its file with ``key.sub=value`` ``overrides``);
+    returns ``{"submitted": {trial: job id}, ...}``.
 
     ``debug`` and ``local`` wait for the trials and then write the summary; ``slurm`` returns
     once the job array is queued (``--summarize`` later).
     """
-    sweep = load_sweep(sweep_file)
+    sweep = load_sweep(sweep_file, overrides)
     cluster = cluster or sweep.spec.executor.cluster
     if cluster not in CLUSTERS:
         raise HmamlError(f"cluster {cluster!r} is not one of {', '.join(CLUSTERS)}")
@@ -161,6 +177,7 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     records = _merge_records(sweep, old)
     parent = _parent_run(sweep, old)
     info = {"name": sweep.name, "sweep_file": str(Path(sweep_file).resolve()),
+            "sweep_overrides": list(overrides),
             "base": sweep.spec.base, "tracking_uri": sweep.tracking_uri,
             "experiment": sweep.experiment, "parent_run_id": parent, "trials": records,
             "submissions": (old or {}).get("submissions", [])}
@@ -239,36 +256,68 @@ def _run_debug(jobs: list[tuple[Trial, TrialJob]], echo: Callable[[str], None]
     return out
 
 
+def visible_gpu_count() -> int:
+    """The GPUs this process sees (CUDA_VISIBLE_DEVICES applied)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def gpu_slots(spec: ExecutorSpec) -> list[tuple[int, ...]] | None:
+    """The GPU sets of the local trials that may run at once: each set of ``gpus_per_node``
+    GPUs appears ``trials_per_gpu`` times, round robin, so that trials spread over the GPUs
+    before they share one. None without GPUs (``max_local_parallel`` CPU processes)."""
+    if not spec.gpus_per_node:
+        return None
+    gpus = list(spec.visible_gpus) if spec.visible_gpus is not None else \
+        list(range(visible_gpu_count()))
+    if len(gpus) < spec.gpus_per_node:
+        raise HmamlError(f"executor.gpus_per_node={spec.gpus_per_node}, but this machine shows "
+                         f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use "
+                         "gpus_per_node: 0 for CPU trials")
+    size = spec.gpus_per_node
+    groups = [tuple(gpus[i:i + size]) for i in range(0, len(gpus) - size + 1, size)]
+    return [group for _ in range(spec.trials_per_gpu) for group in groups]
+
+
 def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: Path,
                echo: Callable[[str], None]) -> dict[str, str]:
-    """submitit local processes, at most ``max_local_parallel`` at a time; waits for all."""
+    """submitit local processes, at most ``max_local_parallel`` at a time (with GPUs: as many
+    as :func:`gpu_slots` gives, each trial on its own GPUs); waits for all."""
     import submitit
 
-    parallel = spec.max_local_parallel
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local",
-                                     local_max_num_timeout=spec.max_num_timeout)
+    slots = gpu_slots(spec)
+    free: list[tuple[int, ...] | None] = list(slots) if slots is not None else \
+        [None] * spec.max_local_parallel
+    executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=spec.max_num_timeout)
     executor.update_parameters(**executor_parameters(spec, "local"))
     queue = list(jobs)
-    running: dict[str, Any] = {}
+    running: dict[str, tuple[Any, tuple[int, ...] | None]] = {}
     out: dict[str, str] = {}
     try:
         while queue or running:
-            while queue and len(running) < parallel:
+            while queue and free:
                 trial, job = queue.pop(0)
-                executor.update_parameters(name=trial.name)
-                running[trial.name] = executor.submit(job)
-                out[trial.name] = str(running[trial.name].job_id)
-                echo(f"[{trial.name}] started as local job {running[trial.name].job_id}")
+                slot = free.pop(0)
+                gpus = {} if slot is None else {"visible_gpus": slot, "gpus_per_node": len(slot)}
+                executor.update_parameters(name=trial.name, **gpus)
+                handle = executor.submit(job)
+                running[trial.name] = (handle, slot)
+                out[trial.name] = str(handle.job_id)
+                echo(f"[{trial.name}] started as local job {handle.job_id}"
+                     + ("" if slot is None else f" on GPU {','.join(map(str, slot))}"))
             time.sleep(_POLL_S)
-            for name, handle in list(running.items()):
+            for name, (handle, slot) in list(running.items()):
                 if handle.done():
                     del running[name]
+                    free.append(slot)
                     try:
                         echo(f"[{name}] {_result_line(handle.result())}")
                     except Exception as exc:
                         echo(f"[{name}] failed ({_first_line(exc)}); log: {handle.paths.stderr}")
     except KeyboardInterrupt:
-        for handle in running.values():
+        for handle, _ in running.values():
             handle.cancel(check=False)
         raise
     return out
@@ -287,12 +336,16 @@ def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder
         raise HmamlError(f"cluster slurm: {_first_line(exc)} (use --cluster local or debug)"
                          ) from None
     executor.update_parameters(name=folder.parent.name, **executor_parameters(spec, "slurm"))
+    size = spec.trials_per_gpu
+    groups = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     try:
         with executor.batch():
-            handles = [executor.submit(job) for _, job in jobs]
+            handles = [executor.submit(PackedTrials([job for _, job in group]) if spec.packed
+                                       else group[0][1]) for group in groups]
     except FailedJobError as exc:
         raise HmamlError(f"sbatch refused the job array: {_first_line(exc)}") from None
-    out = {trial.name: str(h.job_id) for (trial, _), h in zip(jobs, handles, strict=True)}
+    out = {trial.name: str(handle.job_id) for group, handle in zip(groups, handles, strict=True)
+           for trial, _ in group}
     for name, job_id in out.items():
         echo(f"[{name}] queued as SLURM job {job_id}")
     return out

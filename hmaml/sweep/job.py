@@ -4,7 +4,8 @@ How the job reacts to preemption and time limits is :mod:`hmaml.sweep.signals`'s
 module wires it around the training loop. A job of several tasks (``tasks_per_node`` x ``nodes``)
 runs one process per task; each exports the torch.distributed variables of its task before the
 training loop builds its Accelerator, and only rank 0 writes the trial record (and, inside the
-loop, files and MLflow).
+loop, files and MLflow). A packed job (:class:`PackedTrials`, ``executor.trials_per_gpu``) runs
+K trials in its K tasks instead, each a world of one on the job's GPU.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hmaml.config import Config
-from hmaml.files import write_json_atomic
-from hmaml.sweep.signals import PreemptionGuard, job_environment, restart_count
+from hmaml.files import read_json, write_json_atomic
+from hmaml.sweep.signals import PreemptionGuard, job_environment, process_alive, restart_count
 from hmaml.sweep.spec import _first_line
-from hmaml.train.rundir import RunDir, TrainResult
+from hmaml.train.rundir import RunDir, Status, TrainResult
 
 
 def write_trial_state(rd: RunDir, state: str, error: str | None = None) -> None:
@@ -32,7 +34,8 @@ def write_trial_state(rd: RunDir, state: str, error: str | None = None) -> None:
         "state": state, "cluster": env.cluster if env is not None else None,
         "job_id": env.job_id if env is not None else None, "host": socket.gethostname(),
         "pid": os.getpid(), "restarts": restart_count(), "time": time.time(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "error": error})
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "error": error})
 
 
 class TrialJob:
@@ -51,28 +54,38 @@ class TrialJob:
         self.tags = dict(tags or {})
         self.grace_s = grace_s
 
+    def fresh(self) -> TrialJob:
+        """A new job of the same trial (what a requeue runs; it resumes from ``run_dir``)."""
+        return TrialJob(self.cfg, self.parent_run_id, self.tags, self.grace_s)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's checkpoint protocol: requeue a fresh copy; it resumes from ``run_dir``."""
         from submitit.helpers import DelayedSubmission
 
-        fresh = TrialJob(self.cfg, self.parent_run_id, self.tags, self.grace_s)
-        return DelayedSubmission(fresh, *args, **kwargs)
+        return DelayedSubmission(self.fresh(), *args, **kwargs)
 
     def stop_requested(self, guard: PreemptionGuard) -> bool:
         """The training loop's stop predicate (a seam for tests)."""
         return guard.requested()
 
     def __call__(self) -> TrainResult:
-        # lazy: torch and Accelerate stay out of launch/sweep.py's --help, --status, --dry-run
-        from hmaml.train.loop import train
-
         env = job_environment()
         if env is not None and env.num_tasks > 1:
             from submitit.helpers import TorchDistributedEnvironment
 
             # the job's own ranks win over variables inherited from the submitting shell
             TorchDistributedEnvironment().export(overwrite=True)
-        main = env is None or env.global_rank == 0
+        result, guard = self.run(main=env is None or env.global_rank == 0)
+        if result.status == Status.PREEMPTED:
+            guard.hand_over()  # after submitit's signal: checkpoint(), requeue, exit
+        return result
+
+    def run(self, main: bool) -> tuple[TrainResult, PreemptionGuard]:
+        """Train the trial (``main``: this process writes its record); the guard says whether a
+        preemption signal came, which the caller hands over to submitit."""
+        # lazy: torch and Accelerate stay out of launch/sweep.py's --help, --status, --dry-run
+        from hmaml.train.loop import train
+
         rd = RunDir(self.cfg.run_dir)
         if main:
             write_trial_state(rd, "running")
@@ -90,6 +103,73 @@ class TrialJob:
         finally:  # also after submitit's own requeue exit (SystemExit) or Ctrl-C: resumable
             if main:
                 write_trial_state(rd, state, error)
-        if state == "preempted":
-            guard.hand_over()  # after submitit's signal: checkpoint(), requeue, exit
+        return result, guard
+
+
+#: The variables of a torch.distributed launch: without them a process is a world of one
+#: (Accelerate takes any of them, ``LOCAL_RANK=0`` included, for a launch of several).
+_LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                     "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class PackedTrials:
+    """Several trials in one job of as many tasks, sharing its GPU (``executor.trials_per_gpu``):
+    task i trains trial i as a world of one, with its own run folder and MLflow child run.
+
+    The job ends when its last trial does: task 0 waits for the others before it returns (or, at
+    a preemption, until each has checkpointed or ``grace_s`` passed), because only task 0 requeues
+    the job, and a requeue restarts every trial of it from its run folder.
+    """
+
+    def __init__(self, jobs: list[TrialJob]) -> None:
+        self.jobs = jobs
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(PackedTrials([job.fresh() for job in self.jobs]), *args,
+                                 **kwargs)
+
+    def __call__(self) -> TrainResult | None:
+        env = job_environment()
+        rank = env.global_rank if env is not None else 0
+        if rank >= len(self.jobs):  # the last job of an array may hold fewer trials than tasks
+            return None
+        for key in _LAUNCH_VARIABLES:
+            os.environ.pop(key, None)
+        result, guard = self.jobs[rank].run(main=True)
+        if rank == 0:
+            guard = self._wait_for_the_others(guard)
+        guard.hand_over()  # a preemption: task 0 checkpoints the job and requeues it
         return result
+
+    def _wait_for_the_others(self, own: PreemptionGuard) -> PreemptionGuard:
+        """Task 0, its trial over: wait while another trial of the job still trains. A
+        preemption (before or during the wait) gives them ``grace_s`` to checkpoint; the guard
+        that saw it is returned for the hand-over."""
+        others = [RunDir(job.cfg.run_dir) for job in self.jobs[1:]]
+        grace = self.jobs[0].grace_s
+
+        def wait(until: float | None, stop: Callable[[], bool]) -> None:
+            while any(trial_running(rd) for rd in others) and not stop() and \
+                    (until is None or time.monotonic() < until):
+                time.sleep(_WAIT_S)
+
+        if own.requested():
+            wait(time.monotonic() + grace, lambda: False)
+            return own
+        with PreemptionGuard(grace) as waiting:
+            wait(None, waiting.requested)
+            if waiting.requested():
+                wait(time.monotonic() + grace, lambda: False)
+        return waiting
+
+
+_WAIT_S = 1.0
+
+
+def trial_running(rd: RunDir) -> bool:
+    """Whether the trial's record says a live process of this host is training it."""
+    record = read_json(rd.trial)
+    return bool(record) and record.get("state") == "running" and \
+        record.get("host") == socket.gethostname() and process_alive(int(record.get("pid", 0)))

@@ -65,8 +65,10 @@ class ExecutorSpec:
     cpus_per_task: int = 4
     mem_gb: float | None = None
     timeout_min: int = 60
-    array_parallelism: int = 64  # SLURM: trials of the array running at once
-    max_local_parallel: int = 2  # local: trial processes running at once
+    array_parallelism: int = 64  # SLURM: jobs of the array running at once
+    max_local_parallel: int = 2  # local, without GPUs: trial processes running at once
+    trials_per_gpu: int = 1  # trials sharing one GPU (SLURM without GPUs: one job's CPUs)
+    visible_gpus: list[int] | None = None  # local: the GPUs trials run on (default: all)
     signal_delay_s: int = 120  # SLURM: warning signal this long before the time limit
     max_num_timeout: int = 10  # requeues after a timeout (preemptions do not count)
     setup: list[str] = field(default_factory=list)  # SLURM: shell lines before the trial starts
@@ -75,6 +77,11 @@ class ExecutorSpec:
     def processes_per_node(self) -> int:
         """Processes (SLURM tasks) of a trial on each node."""
         return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def packed(self) -> bool:
+        """Whether several trials share a GPU (or, on SLURM, one job)."""
+        return self.trials_per_gpu > 1
 
 
 @dataclass
@@ -130,14 +137,15 @@ class Sweep:
 # --- loading --------------------------------------------------------------------------------
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file and expand its trials (each config validated)."""
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
+    """Read and check a sweep file, apply ``key.sub=value`` ``overrides`` to it, and expand its
+    trials (each config validated)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise HmamlError(f"{path}: cannot read sweep file ({exc.strerror})") from None
-    raw = parse_yaml(text, str(path), "a sweep file")
+    raw = apply_overrides(parse_yaml(text, str(path), "a sweep file"), overrides)
     _check_sweep_keys(raw, path)
     try:
         spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), raw))
@@ -147,6 +155,39 @@ def load_sweep(path: str | Path) -> Sweep:
     assert isinstance(spec, SweepSpec)
     _check_spec(spec, path)
     return _expand(spec, path)
+
+
+#: Sections whose keys are config keys with dots of their own (``grid: {train.lr: [..]}``).
+_FLAT_SECTIONS = ("overrides", "grid")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The sweep file's mapping with ``key.sub=value`` overrides applied: ``sweep_dir=DIR``,
+    ``executor.trials_per_gpu=4``, ``overrides.data.train_pack=PACK`` (a trial override),
+    ``seeds=[0,1]``. Values are read as YAML."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise HmamlError(f"sweep override {item!r} must look like key.sub=value")
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+        except Exception as exc:
+            raise HmamlError(f"sweep override {item!r}: {_first_line(exc)}") from None
+        section, _, rest = key.partition(".")
+        if section in _FLAT_SECTIONS and rest:
+            merged = _flat(dict(raw.get(section) or {}))
+            merged[rest] = value
+            raw[section] = merged
+            continue
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[parts[-1]] = value
+    return raw
 
 
 def _check_sweep_keys(raw: dict[str, Any], path: Path) -> None:
@@ -238,7 +279,7 @@ def _check_executor(ex: ExecutorSpec, fail: Callable[[str], None]) -> None:
         fail(f"executor.cluster={ex.cluster!r} is not one of {', '.join(CLUSTERS)}")
     for key, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1),
                      ("timeout_min", 1), ("array_parallelism", 1), ("max_local_parallel", 1),
-                     ("signal_delay_s", 1), ("max_num_timeout", 0)):
+                     ("trials_per_gpu", 1), ("signal_delay_s", 1), ("max_num_timeout", 0)):
         value = getattr(ex, key)
         if value < low:
             fail(f"executor.{key}={value} must be >= {low}")
@@ -250,6 +291,17 @@ def _check_executor(ex: ExecutorSpec, fail: Callable[[str], None]) -> None:
         if ex.gpus_per_node and ex.tasks_per_node != ex.gpus_per_node:
             fail(f"executor.tasks_per_node={ex.tasks_per_node} must equal gpus_per_node="
                  f"{ex.gpus_per_node} (one process per GPU)")
+    if ex.packed and (ex.gpus_per_node > 1 or ex.processes_per_node() > 1 or ex.nodes > 1):
+        fail(f"executor.trials_per_gpu={ex.trials_per_gpu} packs one-process trials: it needs "
+             f"gpus_per_node <= 1, one task per node and one node (got gpus_per_node="
+             f"{ex.gpus_per_node}, tasks_per_node={ex.processes_per_node()}, nodes={ex.nodes})")
+    if ex.visible_gpus is not None:
+        if not ex.visible_gpus or len(set(ex.visible_gpus)) != len(ex.visible_gpus) or \
+                any(not isinstance(g, int) or g < 0 for g in ex.visible_gpus):
+            fail(f"executor.visible_gpus={ex.visible_gpus} must list distinct GPU indices >= 0")
+        if ex.gpus_per_node > len(ex.visible_gpus):
+            fail(f"executor.gpus_per_node={ex.gpus_per_node} is more than the "
+                 f"{len(ex.visible_gpus)} executor.visible_gpus")
     for key, value in ex.additional_parameters.items():
         where = f"executor.additional_parameters.{key}"
         flag = str(key).replace("_", "-")

@@ -235,7 +235,8 @@ class Trainer:
         self.plan = make_plan(cfg, self.world, nodes=max(self.world // local, 1), engine=engine)
         self.steps = self.plan.rank_steps(accelerator.process_index)
         self.packs = open_packs(cfg)
-        self.precision = resolve_precision(train.mixed_precision, accelerator.device)
+        self.precision = resolve_precision(train.mixed_precision, accelerator.device,
+                                           compiled=train.compile)
         self.method: Method = build_model(cfg, self.packs.image, self.precision, accelerator.device)
         if self.deepspeed:  # DeepSpeed flattens parameters through views of contiguous memory
             for param in self.method.parameters():
@@ -323,6 +324,14 @@ class Trainer:
             state.update(optimizer={} if self.deepspeed else self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict(), rng=capture_rng())
         return state
+
+    def training_rate(self) -> float | None:
+        """Training tasks per second over the epochs trained (their training time alone);
+        None when an epoch of the history did not record its time (an older run)."""
+        seconds = [row.get("epoch_s") for row in self.history]
+        if not seconds or None in seconds:
+            return None
+        return len(seconds) * self.cfg.train.episodes_per_epoch / sum(seconds)
 
     def run_seconds(self) -> float | None:
         """Seconds the run has taken so far over all its processes; a process's time after its
@@ -438,12 +447,15 @@ class Trainer:
         while self.epoch < cfg.train.epochs:
             epoch, start = self.epoch, self.resume_step
             lr = self.optimizer.param_groups[0]["lr"]
+            began = time.perf_counter()
             metrics = self.run_epoch(epoch, start)
             if metrics is None:
                 self.progress(Status.PREEMPTED)
                 return Status.PREEMPTED
             self.scheduler.step()
-            metrics["lr"] = lr
+            # the epoch's training alone (validation, checkpoints and start-up excluded), and
+            # when it ended: trials that share a GPU are compared over their common window
+            metrics.update(lr=lr, epoch_s=time.perf_counter() - began, time=time.time())
             if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
                 val = evaluate(self.model, self.val_data, self.acc)
                 metrics["val_acc"] = val.mean
@@ -470,7 +482,9 @@ class Trainer:
         if self.main:
             with open(self.rd.history, "w") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in self.history)
-            self.tracker.log_metrics(metrics, step=epoch + 1)
+            # MLflow stamps every metric with its own time
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "time"},
+                                     step=epoch + 1)
             self.tracker.set_tags(milestones(self.cfg, epoch))
             val = f"  val {metrics['val_acc']:.2f}%" if "val_acc" in metrics else ""
             LOGGER.info(f"epoch {epoch + 1:4d}/{self.cfg.train.epochs}  loss "
@@ -588,6 +602,7 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
             raise
     summary = {"status": Status.FINISHED.value, **report.as_json(),
                "best_val_acc": trainer.best_val, "epoch": trainer.epoch,
+               "train_tasks_per_s": trainer.training_rate(),
                "wall_s": trainer.run_seconds(), "process_wall_s": time.perf_counter() - start,
                "processes": trainer.processes, "run_dir": str(rd.path),
                "mlflow_run_id": run_id, "lines": report.lines()}

@@ -101,7 +101,8 @@ def pretrain(cfg: Config) -> PretrainResult:
     if len(data) < batch * acc.num_processes:
         raise HmamlError(f"pretrain.batch_size={batch}: the split {cfg.data.train_split!r} has "
                          f"only {len(data)} images for {acc.num_processes} process(es)")
-    precision = resolve_precision(cfg.train.mixed_precision, acc.device)
+    precision = resolve_precision(cfg.train.mixed_precision, acc.device,
+                                  compiled=cfg.train.compile)
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.model.encoder, image.channels, image.size, cfg.model.init)
     if cfg.model.init_from:

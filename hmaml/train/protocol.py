@@ -144,7 +144,8 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
     packs = open_packs(cfg, train=False)
     accelerator = Accelerator(cpu=pick_device(cfg.train.device) == "cpu")
     method = build_model(cfg, packs.image,
-                         resolve_precision(cfg.train.mixed_precision, accelerator.device),
+                         resolve_precision(cfg.train.mixed_precision, accelerator.device,
+                                           compiled=cfg.train.compile),
                          accelerator.device)
     model = accelerator.prepare(method)
     progress = read_json(rd.progress) or {}
