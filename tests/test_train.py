@@ -97,6 +97,13 @@ def test_a_run_leaves_its_results(uninterrupted: Path) -> None:
     assert result["best_epoch"] == 3 and result["best_epoch_p"] == 0.0  # the only p = 0 epoch
     assert [row["lr"] for row in history] == pytest.approx([1e-2, 1e-2, 3e-3])
     assert (uninterrupted / "learning_curve.png").stat().st_size > 5000
+    # each epoch's training time and its end, in order: what packed trials are compared by
+    ends = [row["time"] for row in history]
+    assert ends == sorted(ends) and all(row["epoch_s"] > 0 for row in history)
+    assert all(b - a >= row["epoch_s"] for a, b, row in zip(ends, ends[1:], history[1:],
+                                                            strict=False))
+    assert result["train_tasks_per_s"] == pytest.approx(
+        3 * 8 / sum(row["epoch_s"] for row in history))
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import sys
@@ -606,6 +607,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("packs", "raw", "compare_src", "compare_packs", "workdir", "out"):
         if getattr(args, key):  # runs start in their own code's folder
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    args.temporary_workdir = not args.workdir
+    if not args.workdir:  # removed by main at the end
+        args.workdir = tempfile.mkdtemp(prefix="hmaml-gpu-")
     args.section_deadline = math.inf  # set by run_section for each section
     return args
 
@@ -623,15 +627,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "device": args.device, "budget_s": args.budget_s}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        if not args.workdir:
-            args.workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hmaml-gpu-"))
+    try:
         with stdout_to_stderr():
             result["packs"] = prepare_packs(args)
             for name in args.sections:
                 result[name] = run_section(name, device, sizes, args, deadline)
                 if args.out:  # after every section: a later failure loses nothing
                     (Path(args.out) / "gpu.json").write_text(json.dumps(result, indent=1))
+    finally:
+        if args.temporary_workdir:
+            shutil.rmtree(args.workdir, ignore_errors=True)
     result["wall_s"] = round(time.perf_counter() - start, 2)
     if args.out:
         (Path(args.out) / "gpu.json").write_text(json.dumps(result, indent=1))

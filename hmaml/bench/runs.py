@@ -88,13 +88,13 @@ def extract_commit(repo: Path, commit: str, into: Path) -> Path:
 def ensure_packs(code: Code, raw: Path | None, log: Callable[[str], None]) -> None:
     """Pack Omniglot -> EMNIST with ``code``'s own pack command where its packs are missing
     (from ``raw``: a folder with ``omniglot/`` zips and ``emnist/emnist.zip``)."""
-    for name, dataset, source in PACKS:
-        out = code.packs / name
-        if (out / "manifest.json").is_file():
-            continue
-        if raw is None:
-            raise HmamlError(f"{out}: no pack, and no --raw folder to pack it from (README: "
-                             "The GPU check)")
+    missing = [(code.packs / name, dataset, source) for name, dataset, source in PACKS
+               if not (code.packs / name / "manifest.json").is_file()]
+    if missing and raw is None:
+        raise HmamlError(f"packs not found: {', '.join(str(out) for out, _, _ in missing)} "
+                         "(--raw DIR packs them; README: The GPU check)")
+    for out, dataset, source in missing:
+        assert raw is not None
         log(f"packing {dataset} for {code.label} into {out}")
         proc = subprocess.run([sys.executable, str(code.root / "launch" / "pack.py"), dataset,
                                "--src", str(raw / source), "--out", str(out), "--quiet"],
