@@ -126,7 +126,7 @@ FULL = Sizes(
            "train_run": 60, "paper": 200, "trials": 60, "paper_maml": 200, "adapt": 40,
            "train_speed_compiled": 60},
     caps={"env": 30, "equivalence": 180, "numerics": 60, "ddp": 30, "train_speed": 60,
-          "train_run": 150, "paper": 330, "trials": 150, "paper_maml": 330, "adapt": 150,
+          "train_run": 150, "paper": 420, "trials": 150, "paper_maml": 330, "adapt": 150,
           "train_speed_compiled": 150},
 )
 SMOKE = Sizes(

@@ -61,6 +61,13 @@ def common_window(histories: Sequence[list[dict[str, Any]]], episodes: int
             "per_trial_tasks_per_s": round(statistics.fmean(rates), 1)}
 
 
+def trial_failure(rd: RunDir) -> dict[str, Any]:
+    """How far an unfinished trial got, and why it stopped (its trial record)."""
+    progress, state = read_json(rd.progress) or {}, read_json(rd.trial) or {}
+    return {"status": state.get("state", "not started"), "error": state.get("error"),
+            "epoch": progress.get("epoch")}
+
+
 def trials_throughput(counts: Sequence[int], trial_overrides: Sequence[str], packs: Path,
                       gpu: int, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """For each K in ``counts``: K trials of omni_emnist1 (seeds 0..K-1, with
@@ -82,6 +89,10 @@ def trials_throughput(counts: Sequence[int], trial_overrides: Sequence[str], pac
         stored = RunDir(records[0]["run_dir"]).stored_config()
         episodes = stored.train.episodes_per_epoch if stored is not None else 0
         rows[str(k)] = {"wall_s": round(wall, 1), **common_window(histories, episodes)}
+        failed = {r["name"]: trial_failure(RunDir(r["run_dir"])) for r in records
+                  if not RunDir(r["run_dir"]).test.is_file()}
+        if failed:
+            rows[str(k)]["unfinished"] = failed
         log(f"trials K={k}: {rows[str(k)]}")
     alone = rows.get("1", {}).get("aggregate_tasks_per_s")
     for row in rows.values():
@@ -106,11 +117,8 @@ def paper_rows(name: str, extra: Sequence[str], packs: Path, gpu: int, workdir: 
     for record in read_sweep_json(sweep_dir)["trials"]:
         rd = RunDir(record["run_dir"])
         test = read_json(rd.test)
-        if test is None:  # how far it got, and why it stopped (its trial record)
-            progress, state = read_json(rd.progress) or {}, read_json(rd.trial) or {}
-            trials[record["name"]] = {"status": state.get("state", "not started"),
-                                      "error": state.get("error"),
-                                      "epoch": progress.get("epoch")}
+        if test is None:
+            trials[record["name"]] = trial_failure(rd)
             continue
         trials[record["name"]] = {
             key: test.get(key) for key in ("test_acc", "test_std", "best_val_acc", "epoch",
