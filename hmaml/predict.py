@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from hmaml.allocator import keep_freed_memory
 from hmaml.config import Config, config_from_yaml
 from hmaml.data.format import ImageSpec
 from hmaml.data.sources.base import IMAGE_EXTENSIONS, ImageLoader
@@ -202,6 +203,7 @@ def load_run(run: str | Path, *, norm: str = "transductive",
     """A run folder's best checkpoint, ready to :meth:`~TrainedRun.adapt`; ``norm`` is how
     queries are normalised (see the module docstring), ``device`` defaults to the run's
     ``train.device`` rule (cuda, then mps, then cpu)."""
+    keep_freed_memory()  # see hmaml.allocator
     if norm not in QUERY_NORMS:
         raise HmamlError(f"norm={norm!r}: choose one of {', '.join(QUERY_NORMS)}")
     rd = RunDir(run)

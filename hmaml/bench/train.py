@@ -9,7 +9,10 @@ Conv4 at 28 px, meta-batch 32, HyperMAML in its pure-hypernetwork phase (p = 0),
   per-task-BatchNorm Conv4 against a plain ``nn.Sequential`` Conv4 with ``nn.BatchNorm2d`` over
   the whole batch: the plain one is what the machine's fused kernels give, the limit to aim at;
 - ``evaluate_s`` / ``evaluate_peak_mb``: with ``--run``, the whole ``hmaml evaluate``
-  process on that run (``--eval-episodes`` 600 test tasks, one list), wall time and peak memory.
+  process on that run (``--eval-episodes`` 600 test tasks, one list), wall time and peak memory;
+- ``--profile``: the torch.profiler table of one training step at the precision ``auto`` picks
+  (operators by self time) and the share of the step spent in convolutions, on stderr; the
+  shares go into the JSON (``profile``).
 
 Variants take turns step by step and the median of ``--steps`` timings counts, so a change in
 the machine's load falls on all of them alike.
@@ -133,6 +136,24 @@ finally:
 """
 
 
+def profile_step(step: Step, log: Callable[[str], None], rows: int = 25) -> dict[str, object]:
+    """One profiled step: the operator table (self time, descending) on ``log``, and the share
+    of the step's self time in convolutions (forward and backward) against everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm, so that the profile shows a step of the timed kind
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    log(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    ops = [e for e in events if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in ops)
+    conv = sum(e.self_cpu_time_total for e in ops if "convolution" in e.key)
+    top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {"step_ms": round(total / 1000, 1), "convolution_share": round(conv / total, 3),
+            "top_ms": {e.key: round(e.self_cpu_time_total / 1000, 1) for e in top}}
+
+
 def evaluate_process(run: Path, episodes: int) -> dict[str, float | str]:
     """Wall time and peak memory of a whole ``hmaml evaluate`` process on ``run``."""
     start = time.perf_counter()
@@ -180,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         help="a trained run: time a whole hmaml evaluate process on it")
     parser.add_argument("--eval-episodes", type=int, default=600,
                         help="test episodes of the timed evaluation")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one step (torch.profiler): operators by self time")
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     shape = (args.tasks, args.query, args.size)
@@ -211,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         result["encoder_plain_bf16_channels_last"] / result["encoder_hmaml_bf16"], 2)
     if args.run is not None:
         result.update(evaluate_process(args.run, args.eval_episodes))
+    if args.profile:
+        result["profile"] = profile_step(variants[f"hypermaml_{fast.label}"], log)
     result["targets"] = targets(result, f"hypermaml_{fast.label}")
     for key, value in result.items():
         log(f"  {key}: {value}")

@@ -37,12 +37,43 @@ def _tiled(param: Tensor | None, tasks: int, dims: int) -> Tensor | None:
     return param.repeat(tasks, *([1] * (dims - 1)))
 
 
+def stacked(x: Tensor, tasks: int) -> Tensor:
+    """``[B, T * C, H, W]`` channels-last -> ``[T * B, C, H, W]`` channels-last: each task's
+    examples one after another, one image per row of a plain convolution."""
+    examples, channels, height, width = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(examples, height, width, tasks, channels // tasks)
+    rows = rows.permute(3, 0, 1, 2, 4).contiguous()
+    return rows.view(tasks * examples, height, width, -1).permute(0, 3, 1, 2)
+
+
+def side_by_side(y: Tensor, tasks: int) -> Tensor:
+    """The inverse of :func:`stacked`: ``[T * B, C, H, W]`` -> ``[B, T * C, H, W]``."""
+    images, channels, height, width = y.shape
+    rows = y.permute(0, 2, 3, 1).reshape(tasks, images // tasks, height, width, channels)
+    rows = rows.permute(1, 2, 3, 0, 4).contiguous()
+    return rows.view(images // tasks, height, width, -1).permute(0, 3, 1, 2)
+
+
 class TaskConv2d(nn.Conv2d):
-    """A convolution of ``[B, T * C_in, H, W]``, its weights shared by the tasks or per task."""
+    """A convolution of ``[B, T * C_in, H, W]``, its weights shared by the tasks or per task.
+
+    Shared weights over several input channels run as one plain convolution of the T * B
+    images (:func:`stacked`, and back): oneDNN runs that 10-20 % faster than the grouped
+    convolution of T groups, the two transposes included (Conv4's layers 2-4, 32 tasks, bf16,
+    2 cores). Per-task weights (MAML's adapted ones) and single-channel inputs (the first
+    layer, whose output is the largest to transpose) stay grouped.
+    """
 
     def forward(self, x: Tensor, tasks: int = 1) -> Tensor:  # type: ignore[override]
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        if tasks > 1 and channels_last and self.weight.dim() == 4 and \
+                x.shape[1] > tasks * self.groups:
+            weight = self.weight.view_as(self.weight)  # not the leaf itself: see _tiled
+            out = F.conv2d(stacked(x, tasks), weight.contiguous(memory_format=torch.channels_last),
+                           self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return side_by_side(out, tasks)
         weight = _tiled(self.weight, tasks, 4)
-        if x.is_contiguous(memory_format=torch.channels_last):  # else oneDNN reorders per call
+        if channels_last:  # else oneDNN reorders per call
             weight = weight.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, weight, _tiled(self.bias, tasks, 1), self.stride, self.padding,
                         self.dilation, self.groups * tasks)

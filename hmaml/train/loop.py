@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hmaml.allocator import keep_freed_memory
 from hmaml.config import Config, fingerprint, to_yaml
 from hmaml.data.episodes import train_loader
 from hmaml.errors import HmamlError
@@ -523,6 +524,7 @@ def _header(trainer: Trainer, changes: list[str]) -> str:
         f"{cfg.data.n_shot}-shot",
         f"  processes {acc.num_processes} on {acc.device} ({trainer.plan.engine}), "
         f"encoder precision {trainer.precision}, host {socket.gethostname()}",
+        f"  {keep_freed_memory()}",
         f"  data: {tm.dataset} {cfg.data.train_split} {tm.split_classes(cfg.data.train_split)} "
         f"classes -> {em.dataset} {cfg.data.val_split} {em.split_classes(cfg.data.val_split)} / "
         f"{cfg.data.test_split} {em.split_classes(cfg.data.test_split)} classes",
@@ -571,6 +573,7 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
            stop_requested: Callable[[], bool] | None, tags: dict[str, str] | None
            ) -> TrainResult:
     start = time.perf_counter()
+    keep_freed_memory()  # before the first step's activations: see hmaml.allocator
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         rd.path.mkdir(parents=True, exist_ok=True)

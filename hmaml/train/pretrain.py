@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from hmaml.allocator import keep_freed_memory
 from hmaml.config import Config
 from hmaml.data.episodes import derive_seed, load_split
 from hmaml.data.format import ImageSpec
@@ -89,6 +90,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     A run folder belongs to the config that made it (another is refused); re-running the same
     config trains again from the start.
     """
+    keep_freed_memory()  # see hmaml.allocator
     start = time.perf_counter()
     rd = RunDir(cfg.run_dir)
     rd.check_config(cfg)
