@@ -73,8 +73,9 @@ class ConvBlock(nn.Module):
         self.pool = pool
 
     def forward(self, x: Tensor, tasks: int) -> Tensor:
-        x = self.bn(self.conv(x, tasks), tasks)
-        return F.relu(F.max_pool2d(x, 2) if self.pool else x)
+        if self.pool:
+            return self.bn.pool_relu(self.conv(x, tasks), tasks)
+        return F.relu(self.bn(self.conv(x, tasks), tasks))
 
 
 class Conv4(Encoder):

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from hmaml.models import fused
+
 
 def _tiled(param: Tensor | None, tasks: int, dims: int) -> Tensor | None:
     """``param`` laid out for ``tasks`` tasks side by side along its first dimension.
@@ -61,13 +63,14 @@ class TaskConv2d(nn.Conv2d):
     images (:func:`stacked`, and back): oneDNN runs that 10-20 % faster than the grouped
     convolution of T groups, the two transposes included (Conv4's layers 2-4, 32 tasks, bf16,
     2 cores). Per-task weights (MAML's adapted ones) and single-channel inputs (the first
-    layer, whose output is the largest to transpose) stay grouped.
+    layer, whose output is the largest to transpose) stay grouped, and so do compiled graphs
+    (``train.compile``: the grouped form is what they were measured and tested with).
     """
 
     def forward(self, x: Tensor, tasks: int = 1) -> Tensor:  # type: ignore[override]
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         if tasks > 1 and channels_last and self.weight.dim() == 4 and \
-                x.shape[1] > tasks * self.groups:
+                x.shape[1] > tasks * self.groups and not torch.compiler.is_compiling():
             weight = self.weight.view_as(self.weight)  # not the leaf itself: see _tiled
             out = F.conv2d(stacked(x, tasks), weight.contiguous(memory_format=torch.channels_last),
                            self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -103,6 +106,15 @@ class TaskBatchNorm2d(nn.Module):
         scale = weight * torch.rsqrt(var + self.eps)
         shift = bias - mean * scale
         return (x.float() * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
+
+
+    def pool_relu(self, x: Tensor, tasks: int = 1) -> Tensor:
+        """``relu(max_pool2d(self(x), 2))``: fused on the CPU where :mod:`hmaml.models.fused`
+        can take it (batch statistics, parameters shared by the tasks), else native ops."""
+        if self.stat_rows is None and self.weight.dim() == 1 and fused.usable(x):
+            return fused.batch_norm_pool_relu(x, _tiled(self.weight, tasks, 1),
+                                              _tiled(self.bias, tasks, 1), self.eps)
+        return F.relu(F.max_pool2d(self(x, tasks), 2))
 
 
 @contextmanager

@@ -41,6 +41,7 @@ from hmaml.evaluate import evaluate
 from hmaml.files import read_json, write_json_atomic
 from hmaml.log import LOGGER, show_bars
 from hmaml.methods import Method
+from hmaml.models import fused
 from hmaml.plots import plot_learning_curve
 from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
@@ -524,7 +525,8 @@ def _header(trainer: Trainer, changes: list[str]) -> str:
         f"{cfg.data.n_shot}-shot",
         f"  processes {acc.num_processes} on {acc.device} ({trainer.plan.engine}), "
         f"encoder precision {trainer.precision}, host {socket.gethostname()}",
-        f"  {keep_freed_memory()}",
+        f"  {keep_freed_memory()}" + (f"; encoder blocks: {fused.status()}"
+                                      if acc.device.type == "cpu" else ""),
         f"  data: {tm.dataset} {cfg.data.train_split} {tm.split_classes(cfg.data.train_split)} "
         f"classes -> {em.dataset} {cfg.data.val_split} {em.split_classes(cfg.data.val_split)} / "
         f"{cfg.data.test_split} {em.split_classes(cfg.data.test_split)} classes",
