@@ -61,8 +61,12 @@ def _build() -> ModuleType:
     # -march=native: the build is for this CPU, so its name carries the CPU's flags
     digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()
                             + torch.__version__.encode()).hexdigest()[:12]
+    # -fopenmp: at::parallel_for runs on torch's own OpenMP threads (the process already has
+    # libgomp.so.1 loaded by torch, so the kernel binds to that one; threads of another pool
+    # would compete with torch's spinning workers: 20 % slower measured)
     return load(name=f"hmaml_bn_pool_relu_{digest}", sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native"], verbose=False)
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                verbose=False)
 
 
 def kernel() -> ModuleType | None:

@@ -16,32 +16,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 namespace {
-
-// [begin, end) split into one contiguous range per thread (torch's intra-op thread count):
-// plain threads, so that no second OpenMP runtime joins torch's in the process.
-template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const int64_t n = end - begin;
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1)));
-  if (threads == 1) {
-    f(begin, end);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t step = (n + threads - 1) / threads;
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t b = begin + t * step, e = std::min(end, b + step);
-    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
-  }
-  f(begin, std::min(end, begin + step));
-  for (auto& thread : pool) thread.join();
-}
 
 // Every loop over the channels carries "#pragma GCC ivdep": its arrays never overlap, and without
 // it GCC guards the vectorised loop with an overlap check that can send it to the scalar one.
@@ -96,7 +74,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   // statistics: mean and M2 of every block of kRows rows (two passes in cache), then merged
   const int64_t blocks = (R + kRows - 1) / kRows;
   std::vector<acc_t> bmean(blocks * C), bm2(blocks * C);
-  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * kRows, r1 = std::min(R, r0 + kRows);
       acc_t* __restrict__ m = bmean.data() + blk * C;
@@ -124,7 +102,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
       }
     }
   });
-  parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
     const int64_t width = end - begin;
     std::vector<acc_t> mu_v(width, 0), m2_v(width, 0);
     acc_t* __restrict__ mu = mu_v.data();
@@ -158,7 +136,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   raw_t* __restrict__ op = raw<scalar_t>(out);
   acc_t* __restrict__ xhp = Save ? xhat.data_ptr<acc_t>() : nullptr;
   uint8_t* __restrict__ ap = Save ? argmax.data_ptr<uint8_t>() : nullptr;
-  parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
     // a row's window positions and x-hat values first go to buffers of floats, then to their
     // outputs: stored in the main loop, they made it 5x slower
     std::vector<acc_t> where_v(Save ? C : 0), xh_v(Save ? C : 0);
@@ -227,7 +205,7 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
   // on the quarter grid: A = sum of the gradient past the ReLU, B = its sum times x-hat
   const int64_t blocks = (Q + kRows - 1) / kRows;
   std::vector<acc_t> ba(blocks * C), bb(blocks * C);
-  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       acc_t* __restrict__ a = ba.data() + blk * C;
       acc_t* __restrict__ b = bb.data() + blk * C;
@@ -269,7 +247,7 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
   const acc_t* __restrict__ k0 = k0_v.data();
   const acc_t* __restrict__ k1 = k1_v.data();
   raw_t* __restrict__ dp = raw<scalar_t>(dx);
-  parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / H, h = i % H;
       for (int64_t w = 0; w < W; ++w) {
