@@ -120,7 +120,7 @@ class EvalConfig:
     test_episodes: int = 600
     seed: int = 1234  # seeds the fixed validation and test episode lists
     tasks_per_batch: int | None = None  # None: as many as eval.memory_mb allows
-    memory_mb: float = 256  # about the largest activation one evaluation batch may allocate
+    memory_mb: float = 512  # about the largest activation one evaluation batch may allocate
     every: int = 1  # validate every `every` epochs
     test_repeats: int = 1  # independent test lists: mean ± std of their means (the paper: 5)
     query_norm: str = "transductive"  # queries normalised with their own set's statistics, or

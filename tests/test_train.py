@@ -264,7 +264,7 @@ def test_evaluation_batches_fit_the_memory_budget_and_do_not_change_results(
                                                       "train.mixed_precision": "no"})
     packs = open_packs(cfg)
     per_task = 5 * 15 * 64 * packs.image.size ** 2 * 4 * 3
-    assert eval_tasks_per_batch(cfg, packs, 15) == int(256 * 2**20 // per_task)
+    assert eval_tasks_per_batch(cfg, packs, 15) == int(512 * 2**20 // per_task)
     cfg.eval.memory_mb = 1
     assert eval_tasks_per_batch(cfg, packs, 15) == 1
     cfg.eval.memory_mb = 1e6

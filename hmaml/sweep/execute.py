@@ -316,8 +316,8 @@ def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: P
                         echo(f"[{name}] {_result_line(handle.result())}")
                     except Exception as exc:
                         echo(f"[{name}] failed ({_first_line(exc)}); log: {handle.paths.stderr}")
-    except KeyboardInterrupt:
-        for handle, _ in running.values():
+    except BaseException:  # Ctrl-C, or a caller's time limit: no trial outlives the submitter
+        for handle, _ in running.values():  # (each resumes at the next submission)
             handle.cancel(check=False)
         raise
     return out
