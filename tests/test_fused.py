@@ -124,3 +124,11 @@ def test_switched_off_the_native_ops_run_and_say_so() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "HMAML_FUSED_KERNELS": "0"}).stdout
     assert out.strip() == "False native ops (HMAML_FUSED_KERNELS=0)"
+
+
+def test_native_ops_within_the_block() -> None:
+    x = channels_last(2, 4, 4, 4, dtype=torch.float32)
+    assert fused.usable(x)
+    with fused.native_ops():
+        assert not fused.usable(x)
+    assert fused.usable(x)

@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hmaml.config import Config, load_config
 from hmaml.data.episodes import train_loader
 from hmaml.methods import Method
+from hmaml.models import fused
 from hmaml.precision import Precision
 from hmaml.tasks import TaskBatch
 from hmaml.train.build import build_model, open_packs
@@ -434,7 +435,9 @@ def compare_case(name: str, case: Case, device: torch.device, packs: Path,
 def run(device: torch.device, packs: Path, sizes: EquivalenceSizes,
         log: Callable[[str], None] = lambda line: None,
         device_patch: Callable[[Method], None] | None = None) -> dict[str, Any]:
-    """Every case; what the GPU check's ``equivalence`` section reports."""
+    """Every case; what the GPU check's ``equivalence`` section reports. Both devices run the
+    native operators (:func:`hmaml.models.fused.native_ops`: CUDA has no fused CPU kernel), so
+    the op traces pair operator with operator."""
     settings = {"reference": "cpu, float64", "device": str(device),
                 "float64": "TF32 off, deterministic algorithms, cuDNN benchmark off",
                 "fp32": ("as training runs it: default TF32 settings "
@@ -446,7 +449,8 @@ def run(device: torch.device, packs: Path, sizes: EquivalenceSizes,
                               **{f"fp32_{k}": v for k, v in FP32_TOLERANCE.items()}}}
     methods = {}
     for name, case in sizes.cases.items():
-        methods[name] = compare_case(name, case, device, packs, sizes, device_patch)
+        with fused.native_ops():
+            methods[name] = compare_case(name, case, device, packs, sizes, device_patch)
         log(f"equivalence {name}: float64 {methods[name]['float64']['phases']}, "
             f"fp32 {methods[name]['fp32']}")
     return {**settings, "methods": methods, "pass": all(m["pass"] for m in methods.values())}

@@ -27,11 +27,13 @@ second derivatives are exact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +47,7 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _status: str | None = None
+_suspended = threading.local()
 
 
 def _cpu_flags() -> str:
@@ -99,10 +102,24 @@ def status() -> str:
     return _status
 
 
+@contextlib.contextmanager
+def native_ops() -> Iterator[None]:
+    """Within the block (this thread), the native operators run: a reference computed by the
+    operators themselves (the device-equivalence check compares the CPU with CUDA, which has
+    no fused kernel, op by op)."""
+    previous = getattr(_suspended, "on", False)
+    _suspended.on = True
+    try:
+        yield
+    finally:
+        _suspended.on = previous
+
+
 def usable(x: Tensor) -> bool:
     """Whether the fused kernel can take ``x`` (the parameters and statistics are the
     caller's to check)."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 4
+    return (not getattr(_suspended, "on", False)
+            and x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 4
             and x.shape[2] >= 2 and x.shape[3] >= 2
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.compiler.is_compiling()  # compiled graphs fuse on their own
@@ -150,4 +167,4 @@ def batch_norm_pool_relu(x: Tensor, weight: Tensor, bias: Tensor, eps: float) ->
 
 
 __all__ = ["SOURCE", "BatchNormPoolReLU", "batch_norm_pool_relu", "kernel", "native_gradient",
-           "status", "usable"]
+           "native_ops", "status", "usable"]
