@@ -56,9 +56,26 @@ def test_bf16_is_as_close_to_float64_as_the_native_ops() -> None:
     ours = run(lambda a, w, b: fused.batch_norm_pool_relu(a, w, b, 1e-5), x, weight, bias, grad)
     theirs = run(native, x, weight, bias, grad)
     for a, b, e in zip(ours, theirs, exact, strict=True):
+        e = e.detach()
         ours_err = float((a.detach().double() - e).norm() / e.norm())
         theirs_err = float((b.detach().double() - e).norm() / e.norm())
         assert ours_err <= 1.25 * theirs_err + 1e-6 and ours_err < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bf16"])
+def test_a_nan_propagates_as_through_the_native_ops(dtype: torch.dtype) -> None:
+    """A NaN pixel must reach the loss (the run's non-finite stop reads it) and its gradient."""
+    torch.manual_seed(2)
+    x = channels_last(3, 4, 6, 6, dtype=dtype)
+    x[1, 2, 3, 3] = float("nan")
+    fp = torch.float64 if dtype == torch.float64 else torch.float32  # native bf16 BN: float affine
+    weight, bias = torch.randn(4, dtype=fp), torch.randn(4, dtype=fp)
+    grad = torch.randn(3, 4, 3, 3, dtype=fp)
+    got = run(lambda a, w, b: fused.batch_norm_pool_relu(a, w, b, 1e-5), x, weight, bias, grad)
+    ref = run(native, x, weight, bias, grad)
+    assert got[0].isnan().any() and got[1].isnan().any()
+    for name, a, b in zip(("out", "dx", "dweight", "dbias"), got, ref, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()), name
 
 
 def test_the_encoder_with_the_kernel_equals_it_without(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -157,16 +157,17 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
           const acc_t s = sign[c];
           const acc_t v0 = load(p0[c]), v1 = load(p1[c]), v2 = load(p2[c]), v3 = load(p3[c]);
           const acc_t a0 = s * v0, a1 = s * v1, a2 = s * v2, a3 = s * v3;
-          // the first maximum in scan order, as max_pool2d takes it
-          const bool m1 = a1 > a0;
+          // the first maximum in scan order, as max_pool2d takes it; a NaN wins, as there, so
+          // that a non-finite input reaches the loss (and the run's non-finite stop)
+          const bool m1 = a1 > a0 || a1 != a1;
           const acc_t b01 = m1 ? a1 : a0, x01 = m1 ? v1 : v0;
-          const bool m2 = a2 > b01;
+          const bool m2 = a2 > b01 || a2 != a2;
           const acc_t b012 = m2 ? a2 : b01, x012 = m2 ? v2 : x01;
-          const bool m3 = a3 > b012;
+          const bool m3 = a3 > b012 || a3 != a3;
           const acc_t xb = m3 ? v3 : x012;
           const acc_t xh = (xb - mean[c]) * invstd[c];
           const acc_t z = wp[c] * xh + bp[c];
-          o[c] = store<raw_t>(z > 0 ? z : acc_t(0));
+          o[c] = store<raw_t>(z <= 0 ? acc_t(0) : z);  // NaN passes, as in relu
           if constexpr (Save) {
             xh_row[c] = xh;
             where[c] = m3 ? acc_t(3) : (m2 ? acc_t(2) : (m1 ? acc_t(1) : acc_t(0)));
@@ -217,7 +218,7 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
         const acc_t* __restrict__ xr = xhp + r * C;
         #pragma GCC ivdep
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t gv = load(orow[c]) > 0 ? load(gr[c]) : acc_t(0);
+          const acc_t gv = load(orow[c]) <= 0 ? acc_t(0) : load(gr[c]);
           a[c] += gv;
           b[c] += gv * xr[c];
         }
@@ -269,7 +270,7 @@ void backward_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& o
         #pragma GCC ivdep
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xh = (load(xr[c]) - mean[c]) * invstd[c];
-          const acc_t gv = (aq[c] == here && load(oq[c]) > 0) ? load(gq[c]) : acc_t(0);
+          const acc_t gv = (aq[c] == here && !(load(oq[c]) <= 0)) ? load(gq[c]) : acc_t(0);
           dr[c] = store<raw_t>(scale[c] * gv + k1[c] * xh + k0[c]);
         }
       }
