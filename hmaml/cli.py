@@ -24,6 +24,7 @@ COMMANDS = {
     "bench": "benchmarks that print figures (adapt, loader, train, gpu)",
     "toy2d": "the paper's 2-D toy figure",
     "predict": "classify your own images with a trained run adapted to your support set",
+    "register": "register a run's MLflow model as a new version of a registered model",
 }
 
 EXAMPLES = """examples:
@@ -33,6 +34,8 @@ EXAMPLES = """examples:
   accelerate launch -m hmaml.cli train --config cub5 train.epochs=100
   hmaml evaluate --run runs/cub5 --repeats 5
   hmaml predict --run runs/cub5 --support my_task/ --query photos/
+  hmaml register --run runs/cub5 --name cub5 --alias champion
+  hmaml predict --model models:/cub5@champion --support my_task/ --query photos/
   hmaml sweep --sweep configs/sweeps/lr_width.yaml --cluster local"""
 
 

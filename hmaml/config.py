@@ -133,6 +133,8 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the cwd
     experiment: str | None = None  # None: the config name
     log_checkpoint: bool = True
+    log_model: bool = True  # the tested checkpoint as an MLflow pyfunc model (hmaml.mlflow_model)
+    register: str | None = None  # a registered model name: the model becomes a new version of it
     run_name: str | None = None
     system_metrics: bool = True  # CPU / memory (and GPU with nvidia-ml-py) every 10 s, as system/*
     ui_url: str | None = None  # where the store's UI is served (None: an http store itself, else
@@ -487,6 +489,12 @@ def _check(cfg: Config, source_of: Any) -> None:
     positive("eval.memory_mb", e.memory_mb)
     at_least("eval.every", e.every, 1)
     at_least("eval.test_repeats", e.test_repeats, 1)
+    if cfg.tracking.register is not None:
+        if not cfg.tracking.register.strip():
+            fail("tracking.register", "must be a model name (or null)")
+        if not cfg.tracking.log_model:
+            fail("tracking.register", "needs tracking.log_model=true (the registered version "
+                 "is the run's logged model)")
     if d.val_split == d.test_split:  # both are read from the evaluation pack
         fail("data.test_split", f"is also data.val_split in {d.eval_pack or d.train_pack}: "
              "validation would select on the test set")

@@ -188,6 +188,38 @@ def plot_bars(labels: Sequence[str], accuracies: Sequence[float | None],
     return _save(fig, out_png)
 
 
+def plot_search(numbers: Sequence[int], values: Sequence[float | None],
+                pruned: Sequence[int], metric: str, maximize: bool, out_png: str | Path,
+                title: str) -> Path:
+    """A search's trials in the order they were asked: each finished trial's value, the best so
+    far as a step line, pruned trials as crosses on the axis."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    done = [(n, v) for n, v in zip(numbers, values, strict=True) if v is not None]
+    if done:
+        xs, ys = zip(*done, strict=True)
+        ax.scatter(xs, ys, color="tab:blue", label="trial", zorder=3)
+        best, line = None, []
+        for y in ys:
+            best = y if best is None or (y > best if maximize else y < best) else best
+            line.append(best)
+        ax.step(xs, line, where="post", color="tab:orange", label="best so far")
+    if pruned:
+        low = ax.get_ylim()[0] if done else 0.0
+        ax.scatter(list(pruned), [low] * len(pruned), marker="x", color="tab:red",
+                   label="pruned", zorder=3, clip_on=False)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    if done or pruned:  # a search with no trial through yet has nothing to label
+        ax.legend(loc="best", fontsize="small")
+    ax.set_title(title)
+    return _save(fig, out_png)
+
+
 @dataclass
 class ToyPanel:
     """One task type of the 2-D toy for one method: decision regions on the grid (0 / 1), the

@@ -187,7 +187,7 @@ class TrainedRun:
         return self.method(batch.to(self.device)).logits[0].float().cpu()
 
 
-def _image_spec(state: dict[str, Any], cfg: Config) -> ImageSpec:
+def run_image_spec(state: dict[str, Any], cfg: Config) -> ImageSpec:
     """The run's image spec: saved in its checkpoint, or (older runs) its training pack's."""
     if "image" in state:
         return ImageSpec(**state["image"])
@@ -213,7 +213,7 @@ def load_run(run: str | Path, *, norm: str = "transductive",
     state = load_checkpoint(rd.best, None)
     cfg = config_from_yaml(state["config_yaml"], str(rd.best),
                            ["model.init_from=null", f"eval.query_norm={norm}"])
-    image = _image_spec(state, cfg)
+    image = run_image_spec(state, cfg)
     where = torch.device(device or pick_device(cfg.train.device))
     precision = resolve_precision(cfg.train.mixed_precision, where, compiled=cfg.train.compile)
     method = build_model(cfg, image, precision, where)
@@ -224,4 +224,4 @@ def load_run(run: str | Path, *, norm: str = "transductive",
     return TrainedRun(cfg, method, image, where)
 
 
-__all__ = ["Classifier", "TrainedRun", "image_files", "load_run", "read_images"]
+__all__ = ["Classifier", "TrainedRun", "image_files", "load_run", "read_images", "run_image_spec"]

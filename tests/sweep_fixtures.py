@@ -18,6 +18,22 @@ TINY = {
 }
 
 
+# A search's trials: three epochs validated after each, so a trial can be pruned after its second.
+SEARCH_EPOCHS = {"train.epochs": 3, "eval.every": 1, "train.episodes_per_epoch": 8,
+                 "eval.val_episodes": 16}
+#: Two good trials, then one that cannot learn: the median pruner (one finished trial first)
+#: stops it after its second validation.
+FORCED_BAD = {"space": {"train.lr": {"loguniform": [1e-9, 0.05]}},
+              "enqueue": [{"train.lr": 0.01}, {"train.lr": 0.01}, {"train.lr": 1e-9}],
+              "pruner": {"startup_trials": 1}}
+
+
+def search_body(n_trials: int = 3, parallel: int = 1, **search: Any) -> dict[str, Any]:
+    """A sweep body of an Optuna search over the tiny config (``search`` adds its keys)."""
+    return {"overrides": dict(SEARCH_EPOCHS),
+            "search": {"n_trials": n_trials, "parallel": parallel, **search}}
+
+
 def write_sweep(folder: Path, body: dict[str, Any], pack: Path | None = None,
                 tracking_uri: str | None = None) -> Path:
     """``folder/tiny.yaml`` (the base) and ``folder/sweep.yaml`` (``base: tiny`` + ``body``).

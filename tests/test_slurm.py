@@ -36,7 +36,7 @@ from hmaml.sweep.signals import (
     slurm_job_state,
     still_running,
 )
-from tests.sweep_fixtures import child_runs, write_sweep
+from tests.sweep_fixtures import FORCED_BAD, child_runs, search_body, write_sweep
 from tests.train_fixtures import ROOT, tiny_overrides, tiny_pack
 
 __all__ = ["tiny_pack"]  # the fixture, re-exported for pytest
@@ -258,6 +258,7 @@ def test_cpu_trial_of_two_tasks_trains_as_world_of_two_and_survives_the_time_lim
              lambda: read_json(run_dir / "trial.json").get("state") == "preempted", jobs=(job,))
     release_when_requeued(job)
     wait_for("the trial to finish", lambda: (run_dir / "test.json").is_file(), jobs=(job,))
+    wait_for("the job to end", lambda: not still_running(None, job), jobs=(job,))
 
     [child] = child_runs(uri, out["parent_run_id"])  # rank 1 logged nothing
     assert child["tags"]["world_size"] == "2" and child["status"] == "FINISHED"
@@ -271,6 +272,50 @@ def test_cpu_trial_of_two_tasks_trains_as_world_of_two_and_survives_the_time_lim
     assert "resuming at epoch" in rank0
     progress = read_json(run_dir / "progress.json")
     assert (progress["status"], progress["epoch"]) == ("finished", 4)
+
+
+# --- an Optuna search ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_a_search_runs_two_trials_at_a_time_prunes_the_bad_one_and_resubmits_nothing(
+        tmp_path: Path, tiny_pack: Path) -> None:
+    """Four trials, two at a time as SLURM jobs: the third (enqueued with a learning rate that
+    learns nothing) is pruned from its own job; submitting the search again adds no trial."""
+    import optuna
+
+    from hmaml.sweep import submit
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    body = search_body(n_trials=4, parallel=2, **FORCED_BAD)
+    body["executor"] = {"cluster": "slurm", "cpus_per_task": 1, "timeout_min": 10}
+    path = write_sweep(tmp_path, body, pack=tiny_pack, tracking_uri=uri)
+    lines: list[str] = []
+    out = submit(path, echo=lines.append)
+    assert list(out["submitted"]) == ["t000", "t001", "t002", "t003"]
+    running, most = 0, 0
+    for line in lines:  # the driver's log: never more than two trials at once
+        if "] started as slurm job" in line:
+            running += 1
+            most = max(most, running)
+        elif line.startswith("[t") and "started" not in line:
+            running -= 1
+    assert most == 2 and running == 0, lines
+    info = read_sweep_json(tmp_path / "out")
+    trials = optuna.load_study(study_name=info["search"]["study"],
+                               storage=info["search"]["storage"]).trials
+    states = [t.state.name for t in trials]
+    assert states[:3] == ["COMPLETE", "COMPLETE", "PRUNED"] and states[3] != "FAIL", states
+    assert read_json(tmp_path / "out" / "t002" / "trial.json")["state"] == "pruned"
+    children = {c["name"]: c for c in child_runs(uri, out["parent_run_id"])}
+    assert sorted(children) == ["t000", "t001", "t002", "t003"]
+    assert children["t002"]["status"] == "KILLED"
+
+    again = submit(path, echo=lambda _: None)
+    assert again["submitted"] == {}
+    assert len(optuna.load_study(study_name=info["search"]["study"],
+                                 storage=info["search"]["storage"]).trials) == 4
 
 
 # --- trials packed into one job (executor.trials_per_gpu) -----------------------------------

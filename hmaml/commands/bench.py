@@ -16,6 +16,8 @@ COMMANDS = {
     "loader": ("hmaml.bench.loader", "episodes per second of the episodic data stream"),
     "train": ("hmaml.bench.train", "training tasks/s (fp32, bf16, compiled) against a plain "
                                    "Conv4, and the 600-task evaluation process"),
+    "serve": ("hmaml.bench.serve", "what one few-shot request costs a run served as an MLflow "
+                                   "model (in process and through mlflow models serve)"),
     "gpu": ("hmaml.bench.gpu", "the GPU check: bf16 numerics, NCCL DDP, speed, a short "
                                "training run"),
 }

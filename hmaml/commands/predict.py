@@ -1,6 +1,12 @@
 """Classify your own images with a trained run, adapted to your own support set.
 
     hmaml predict --run runs/omni_emnist1 --support my_task/ --query q1.png q2.png more_queries/
+    hmaml predict --model models:/omni-emnist-1shot@champion --support my_task/ --query q/
+
+``--model`` takes a model from the MLflow registry (``models:/NAME@alias``, ``models:/NAME/3``)
+or a run's logged model (``runs:/<run id>/model``) from ``--tracking-uri`` (default:
+``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns.db`` in the current folder) instead of a run
+folder.
 
 ``--support`` holds one folder per class (the folder name is the class) with the same number of
 images each, at least the run's K (n_shot); the run classifies exactly its N (n_way) classes.
@@ -58,7 +64,12 @@ def _queries(paths: list[Path], image_files: ListFiles) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hmaml predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a run folder (runs/<name>)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run folder (runs/<name>)")
+    source.add_argument("--model", help="an MLflow model URI (models:/NAME@alias, ...)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="the MLflow store of --model (default: $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///mlruns.db here)")
     parser.add_argument("--support", required=True, type=Path,
                         help="a folder of class folders, K or more images each")
     parser.add_argument("--query", required=True, nargs="+", type=Path,
@@ -71,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hmaml.predict import image_files, load_run
 
-    run = load_run(args.run, norm=args.norm, device=args.device)
+    if args.model is not None:
+        from hmaml.mlflow_model import download_model
+
+        with download_model(args.model, args.tracking_uri) as folder:
+            run = load_run(folder, norm=args.norm, device=args.device)
+    else:
+        run = load_run(args.run, norm=args.norm, device=args.device)
     images, labels = _support(args.support, run.cfg.data.n_shot, image_files)
     queries = _queries(args.query, image_files)
     classifier = run.adapt(images, labels)

@@ -8,6 +8,7 @@ sweep reports to the same parent run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -164,6 +165,10 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     cluster = cluster or sweep.spec.executor.cluster
     if cluster not in CLUSTERS:
         raise HmamlError(f"cluster {cluster!r} is not one of {', '.join(CLUSTERS)}")
+    if sweep.spec.search is not None:
+        from hmaml.sweep.search import run_search  # it builds on this module
+
+        return run_search(sweep, cluster, echo, dry_run)
     _check_plans(sweep, cluster)
     warning = _sqlite_warning(sweep, cluster)
     if warning:
@@ -180,6 +185,7 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
             "sweep_overrides": list(overrides),
             "base": sweep.spec.base, "tracking_uri": sweep.tracking_uri,
             "experiment": sweep.experiment, "parent_run_id": parent, "trials": records,
+            "register": dataclasses.asdict(sweep.spec.register) if sweep.spec.register else None,
             "submissions": (old or {}).get("submissions", [])}
     write_json_atomic(sweep_dir / SWEEP_JSON, info)
 
@@ -323,11 +329,9 @@ def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: P
     return out
 
 
-def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: Path,
-                  echo: Callable[[str], None]) -> dict[str, str]:
-    """One job array of all trials; returns at once."""
+def slurm_executor(spec: ExecutorSpec, folder: Path) -> Any:
+    """submitit's SLURM executor with the sweep's settings (job logs under ``folder``)."""
     import submitit
-    from submitit.core.utils import FailedJobError
 
     try:
         executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
@@ -335,7 +339,17 @@ def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder
     except RuntimeError as exc:
         raise HmamlError(f"cluster slurm: {_first_line(exc)} (use --cluster local or debug)"
                          ) from None
-    executor.update_parameters(name=folder.parent.name, **executor_parameters(spec, "slurm"))
+    executor.update_parameters(**executor_parameters(spec, "slurm"))
+    return executor
+
+
+def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: Path,
+                  echo: Callable[[str], None]) -> dict[str, str]:
+    """One job array of all trials; returns at once."""
+    from submitit.core.utils import FailedJobError
+
+    executor = slurm_executor(spec, folder)
+    executor.update_parameters(name=folder.parent.name)
     size = spec.trials_per_gpu
     groups = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     try:

@@ -48,15 +48,18 @@ class TrialJob:
     """
 
     def __init__(self, cfg: Config, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None, grace_s: float = 45.0) -> None:
+                 tags: dict[str, str] | None = None, grace_s: float = 45.0,
+                 on_validation: Callable[[int, float], bool] | None = None) -> None:
         self.cfg = cfg
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})
         self.grace_s = grace_s
+        self.on_validation = on_validation  # a search trial's pruner (hmaml.sweep.search)
 
     def fresh(self) -> TrialJob:
         """A new job of the same trial (what a requeue runs; it resumes from ``run_dir``)."""
-        return TrialJob(self.cfg, self.parent_run_id, self.tags, self.grace_s)
+        return TrialJob(self.cfg, self.parent_run_id, self.tags, self.grace_s,
+                        self.on_validation)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's checkpoint protocol: requeue a fresh copy; it resumes from ``run_dir``."""
@@ -95,7 +98,7 @@ class TrialJob:
             with guard:
                 result = train(self.cfg, parent_run_id=self.parent_run_id,
                                stop_requested=lambda: self.stop_requested(guard),
-                               tags=self.tags)
+                               tags=self.tags, on_validation=self.on_validation)
             state = result.status.value
         except Exception as exc:
             state, error = "failed", f"{type(exc).__name__}: {_first_line(exc)}"

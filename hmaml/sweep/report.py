@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,13 @@ from typing import Any
 from hmaml.config import override_text
 from hmaml.errors import HmamlError
 from hmaml.files import read_json
-from hmaml.plots import plot_bars
+from hmaml.plots import plot_bars, plot_search
 from hmaml.sweep.spec import _name_value
 from hmaml.train.rundir import RunDir
 from hmaml.train.tracking import Tracker, ui_line
 
 SWEEP_JSON = "sweep.json"
-STATES = ("pending", "running", "preempted", "finished", "failed")
+STATES = ("pending", "running", "preempted", "finished", "pruned", "failed")
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png")
 
 
@@ -150,6 +151,12 @@ def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dic
     axis_keys, rows = summary_rows(info)
     states = [trial_state(r["run_dir"])["state"] for r in info["trials"]]
     done = sum(s == "finished" for s in states)
+    # a grid is complete when every trial finished; a search when it holds its n_trials and
+    # none is left to run (a pruned or failed trial is not run again)
+    search = info.get("search")
+    complete = done == len(states) if not search else \
+        len(states) >= search["n_trials"] and all(s in ("finished", "pruned", "failed")
+                                                  for s in states)
     columns = [*axis_keys, "seeds", "test acc (%)", "± 95% CI", "CI over", "best val (%)",
                "wall (min)"]
     table = [columns] + [[*(override_text(r[k]) for k in axis_keys), r["seeds"],
@@ -165,6 +172,11 @@ def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dic
         trial_rows.append([record["name"], state, _num(test.get("test_acc")),
                            _num(test.get("test_ci")), _num(test.get("best_val_acc"))])
     md.append(_markdown(trial_rows))
+    extra: list[Path] = []
+    if info.get("search"):
+        lines, extra = search_summary(info, sweep_dir)
+        md += ["", *lines]
+        echo("\n".join(line for line in lines if not line.startswith(("#", "!"))).strip())
     (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -176,17 +188,102 @@ def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dic
                            ("test_acc", "ci95", "ci_over", "best_val_acc", "wall_min"))])
     (sweep_dir / "summary.csv").write_text(buffer.getvalue())
     _plot(axis_keys, rows, sweep_dir / "summary.png", info["name"])
-    paths = [sweep_dir / name for name in SUMMARY_FILES]
+    paths = [sweep_dir / name for name in SUMMARY_FILES] + extra
     if info.get("parent_run_id"):
         tracker = Tracker(consequence="the summary stays in the sweep folder")
         if tracker.attach(info["tracking_uri"], info["parent_run_id"]):
             for path in paths:
                 tracker.log_artifact(path)
-            if done == len(states):
+            if complete:
                 tracker.end("FINISHED")
             if tracker.link:
                 echo(ui_line(info["tracking_uri"], tracker.link))
-    return {"rows": rows, "finished": done, "trials": len(states), "files": paths}
+    champion = None
+    if info.get("register") and complete:
+        champion = move_alias(info, echo)
+    return {"rows": rows, "finished": done, "trials": len(states), "files": paths,
+            "champion": champion}
+
+
+def move_alias(info: dict[str, Any], echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Point the sweep's ``register.alias`` of ``register.name`` at the finished trial with the
+    best validation accuracy (chosen on validation, as the checkpoints were: the test decides
+    nothing). A trial's existing version is reused; a store that fails costs a warning."""
+    from hmaml.mlflow_model import register_model
+
+    name, alias = info["register"]["name"], info["register"]["alias"]
+    best = None
+    for record in info["trials"]:
+        test = _test_of(record) or {}
+        run_id, val = test.get("mlflow_run_id"), test.get("best_val_acc")
+        if run_id and val is not None and (best is None or val > best[1]):
+            best = (record, val, test)
+    if best is None:
+        echo(f"no finished trial has an MLflow run: alias {alias} of {name} not moved")
+        return None
+    record, val, test = best
+    try:
+        version = register_model(info["tracking_uri"], test["mlflow_run_id"], name, alias,
+                                 reuse=True)
+    except Exception as exc:  # the summary stands without the alias
+        warnings.warn(f"alias {alias} of {name} not moved ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''})", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    echo(f"{alias}: trial {record['name']} (best val {val:.2f} %, test "
+         f"{_num(test.get('test_acc'))} %) is models:/{name}@{alias} (version {version})")
+    return {"trial": record["name"], "version": version, "model": f"models:/{name}@{alias}"}
+
+
+def search_summary(info: dict[str, Any], sweep_dir: Path) -> tuple[list[str], list[Path]]:
+    """The study's side of a search's summary: each trial's Optuna state and value, the best
+    trial, parameter importances (Optuna's fANOVA, with 3 or more finished trials) and
+    ``search.png`` (value and best so far against trial)."""
+    import optuna
+
+    search = info["search"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=search["study"], storage=search["storage"])
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    metric, maximize = search["metric"], search["direction"] == "maximize"
+    lines = [f"## Search: {len(trials)} of {search['n_trials']} trials, {len(complete)} "
+             f"complete ({search['direction']} {metric})", ""]
+    if complete:
+        best = study.best_trial
+        lines.append(f"best: t{best.number:03d}, {metric} = {best.value:.4g} ("
+                     + ", ".join(f"{k}={_param(v)}" for k, v in best.params.items()) + ")")
+        lines.append("")
+    keys = list(study.trials[0].distributions) if trials else []
+    table = [["trial", "optuna state", metric, *keys]]
+    table += [[f"t{t.number:03d}", t.state.name.lower(), _num(t.value, 4),
+               *(_param(t.params.get(k)) for k in keys)] for t in trials]
+    lines.append(_markdown(table))
+    if len(complete) >= 3 and keys:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except Exception as exc:  # too few distinct values: the summary stands without it
+            lines += ["", f"parameter importances: not computed ({_first_line_of(exc)})"]
+        else:
+            lines += ["", "parameter importances (fANOVA):", "",
+                      _markdown([["parameter", "importance"],
+                                 *([k, f"{v:.3f}"] for k, v in importances.items())])]
+    out = sweep_dir / "search.png"
+    plot_search([t.number for t in trials],
+                [t.value if t.state == optuna.trial.TrialState.COMPLETE else None
+                 for t in trials],
+                [t.number for t in trials if t.state == optuna.trial.TrialState.PRUNED],
+                metric, maximize, out, f"{info['name']}: {metric}")
+    lines += ["", "![search](search.png)"]
+    return lines, [out]
+
+
+def _param(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _first_line_of(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _num(value: float | None, digits: int = 2) -> str:

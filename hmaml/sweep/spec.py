@@ -34,6 +34,10 @@ from hmaml.errors import HmamlError
 
 CLUSTERS = ("slurm", "local", "debug")
 SPACE_KINDS = ("choice", "uniform", "loguniform")
+#: What a search may optimise: numbers of a trial's test.json.
+SEARCH_METRICS = ("best_val_acc", "test_acc", "train_tasks_per_s", "wall_s")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "percentile", "hyperband")
 # Keys the sweep sets itself for every trial.
 RESERVED_KEYS = ("run_dir", "tracking.run_name")
 # sbatch options the executor writes itself -> the executor key that sets them (None: submitit's).
@@ -92,6 +96,52 @@ class RandomSpec:
 
 
 @dataclass
+class SamplerSpec:
+    name: str = "tpe"  # tpe | random (Optuna's TPESampler, RandomSampler)
+    seed: int = 0
+
+
+@dataclass
+class PrunerSpec:
+    """An Optuna pruner on validation accuracy at the eval epochs: ``median``, ``percentile``
+    (keep trials in the best ``percentile`` %) or ``hyperband`` (successive halving in brackets
+    from ``min_epochs`` to the config's ``train.epochs``, by ``reduction_factor``)."""
+
+    name: str = "median"
+    startup_trials: int = 5  # median, percentile: trials that finish before any is pruned
+    warmup_epochs: int = 0  # median, percentile: no pruning at validations before this epoch
+    percentile: float = 25.0  # percentile: prune below the best 25 % at the same epoch
+    min_epochs: int = 1  # hyperband: epochs every trial trains
+    reduction_factor: int = 3  # hyperband: 1 / reduction_factor of a rung goes on
+
+
+@dataclass
+class SearchSpec:
+    """An Optuna study over ``space``: ``n_trials`` trials, ``parallel`` at a time, each asked
+    for when a running one ends (:mod:`hmaml.sweep.search`)."""
+
+    engine: str = "optuna"
+    n_trials: int = 0
+    parallel: int = 1
+    metric: str = "best_val_acc"  # a number of the trial's test.json (SEARCH_METRICS)
+    direction: str = "maximize"
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec | None = None  # off by default
+    storage: str | None = None  # an Optuna RDB URL; default sqlite:///<sweep_dir>/optuna.db
+    space: dict[str, Any] = field(default_factory=dict)  # key -> {choice|uniform|loguniform: ..}
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # settings to try first
+
+
+@dataclass
+class RegisterSpec:
+    """The registered model whose ``alias`` the summary moves to the best trial (by validation
+    accuracy) once every trial has finished."""
+
+    name: str = ""
+    alias: str = "champion"
+
+
+@dataclass
 class VariantSpec:
     name: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +158,8 @@ class SweepSpec:
     seeds: list[int] | None = None  # default: the base config's seed
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
     sweep_dir: str | None = None  # default: runs/sweeps/<name>
+    register: RegisterSpec | None = None  # move an alias of a registered model to the best trial
+    search: SearchSpec | None = None  # an Optuna search instead of grid/variants/random/seeds
 
 
 @dataclass(frozen=True)
@@ -131,7 +183,9 @@ class Sweep:
     tracking_uri: str
     experiment: str
     tracking_enabled: bool
-    trials: list[Trial]
+    trials: list[Trial]  # a search's trials are made as it asks for them (search_trial)
+    base_path: Path | None = None
+    common: dict[str, Any] = field(default_factory=dict)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -207,6 +261,12 @@ def _check_sweep_keys(raw: dict[str, Any], path: Path) -> None:
     check(raw, SweepSpec, "")
     check(raw.get("executor"), ExecutorSpec, "executor")
     check(raw.get("random"), RandomSpec, "random")
+    check(raw.get("register"), RegisterSpec, "register")
+    search = raw.get("search")
+    check(search, SearchSpec, "search")
+    if isinstance(search, dict):
+        check(search.get("sampler"), SamplerSpec, "search.sampler")
+        check(search.get("pruner"), PrunerSpec, "search.pruner")
     variants = raw.get("variants")
     if isinstance(variants, list):
         for i, variant in enumerate(variants):
@@ -248,15 +308,74 @@ def _check_spec(spec: SweepSpec, path: Path) -> None:
         if len(set(spec.seeds)) != len(spec.seeds):
             fail(f"seeds={spec.seeds} repeats a seed")
     _check_executor(spec.executor, fail)
+    if spec.search is not None:
+        _check_search(spec, fail)
+    if spec.register is not None:
+        if not spec.register.name.strip():
+            fail("register.name must name a registered model")
+        if not spec.register.alias.strip():
+            fail("register.alias must not be empty")
 
 
 def _check_random(rnd: RandomSpec, fail: Callable[[str], None]) -> None:
     if rnd.samples < 1:
         fail(f"random.samples={rnd.samples} must be >= 1")
-    if not rnd.space:
-        fail("random.space is empty")
-    for key, dist in rnd.space.items():
-        where = f"random.space.{key}"
+    _check_space(rnd.space, "random.space", fail)
+
+
+def _check_search(spec: SweepSpec, fail: Callable[[str], None]) -> None:
+    search = spec.search
+    assert search is not None
+    others = [k for k in ("grid", "variants", "random", "seeds") if getattr(spec, k) is not None]
+    if others:
+        fail(f"search cannot be combined with {', '.join(others)} (the study chooses the "
+             "trials; put fixed settings, the seed too, in 'overrides')")
+    if search.engine != "optuna":
+        fail(f"search.engine={search.engine!r}: only optuna")
+    if search.n_trials < 1:
+        fail(f"search.n_trials={search.n_trials} must be >= 1")
+    if search.parallel < 1:
+        fail(f"search.parallel={search.parallel} must be >= 1")
+    if search.metric not in SEARCH_METRICS:
+        fail(f"search.metric={search.metric!r} is not one of {', '.join(SEARCH_METRICS)}")
+    if search.direction not in ("maximize", "minimize"):
+        fail(f"search.direction={search.direction!r} is not maximize or minimize")
+    if search.sampler.name not in SAMPLERS:
+        fail(f"search.sampler.name={search.sampler.name!r} is not one of {', '.join(SAMPLERS)}")
+    if search.pruner is not None:
+        if search.pruner.name not in PRUNERS:
+            fail(f"search.pruner.name={search.pruner.name!r} is not one of {', '.join(PRUNERS)}")
+        if search.metric != "best_val_acc":
+            fail(f"search.pruner prunes on validation accuracy, so search.metric must be "
+                 f"best_val_acc, not {search.metric}")
+        pruner = search.pruner
+        if pruner.startup_trials < 0 or pruner.warmup_epochs < 0:
+            fail("search.pruner.startup_trials and warmup_epochs must be >= 0")
+        if not 0.0 < pruner.percentile < 100.0:
+            fail(f"search.pruner.percentile={pruner.percentile:g} must be in (0, 100)")
+        if pruner.min_epochs < 1 or pruner.reduction_factor < 2:
+            fail(f"search.pruner: min_epochs={pruner.min_epochs} must be >= 1 and "
+                 f"reduction_factor={pruner.reduction_factor} >= 2")
+        if pruner.name == "hyperband" and "train.epochs" in search.space:
+            fail("search.pruner hyperband counts its rungs up to train.epochs, so "
+                 "search.space may not vary train.epochs")
+    _check_space(search.space, "search.space", fail)
+    for key, dist in search.space.items():
+        if "choice" in dist and not all(v is None or isinstance(v, bool | int | float | str)
+                                        for v in dist["choice"]):
+            fail(f"search.space.{key}.choice: Optuna chooses among numbers, strings, booleans "
+                 f"and null, got {dist['choice']!r}")
+    for i, point in enumerate(search.enqueue):
+        unknown = sorted(set(point) - set(search.space))
+        if unknown:
+            fail(f"search.enqueue[{i}]: {unknown[0]!r} is not a key of search.space")
+
+
+def _check_space(space: dict[str, Any], name: str, fail: Callable[[str], None]) -> None:
+    if not space:
+        fail(f"{name} is empty")
+    for key, dist in space.items():
+        where = f"{name}.{key}"
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SPACE_KINDS:
             fail(f"{where} must be one of {{choice: [..]}}, {{uniform: [a, b]}}, "
                  f"{{loguniform: [a, b]}}, got {dist!r}")
@@ -325,13 +444,19 @@ def _flat(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _expand(spec: SweepSpec, path: Path) -> Sweep:
-    name = spec.name or path.stem
+def _base(spec: SweepSpec, path: Path) -> tuple[str, Path, dict[str, Any]]:
+    """The sweep's name, its base config's file and the overrides of every trial."""
     try:
         base_path = resolve_config_path(spec.base, near=path.parent)
     except HmamlError as exc:
         raise HmamlError(f"{path}: base: {exc}") from None
-    common = _flat(spec.overrides)
+    return spec.name or path.stem, base_path, _flat(spec.overrides)
+
+
+def _expand(spec: SweepSpec, path: Path) -> Sweep:
+    if spec.search is not None:
+        return _expand_search(spec, path)
+    name, base_path, common = _base(spec, path)
     variants = spec.variants or [None]
     grid = _flat(spec.grid or {})
     grid_points = [dict(zip(grid, combo, strict=True))
@@ -389,9 +514,57 @@ def _expand(spec: SweepSpec, path: Path) -> Sweep:
     if duplicates:
         raise HmamlError(f"{path}: several trials get the name {duplicates[0]!r} "
                          f"(axis values that print alike); make the values distinct")
+    if spec.register is not None and not all(t.cfg.tracking.enabled and t.cfg.tracking.log_model
+                                             for t in trials):
+        raise HmamlError(f"{path}: register needs tracking.enabled and tracking.log_model in "
+                         "every trial (the registered version is a trial's logged model)")
     return Sweep(path=path, spec=spec, name=name, sweep_dir=sweep_dir, tracking_uri=uri,
                  experiment=experiment, tracking_enabled=base_cfg.tracking.enabled,
                  trials=trials)
+
+
+def _expand_search(spec: SweepSpec, path: Path) -> Sweep:
+    """A search's sweep: no trials yet, but every setting the study may pick (each choice, both
+    ends of each range, each enqueued point) is checked to make a valid config now."""
+    from hmaml.train.tracking import tracking_uri
+
+    assert spec.search is not None
+    name, base_path, common = _base(spec, path)
+    _check_axis_keys({"search": list(spec.search.space)}, common, path)
+    base_cfg = _resolve(base_path, common, f"{path}: overrides")
+    sweep = Sweep(path=path, spec=spec, name=name,
+                  sweep_dir=_absolute(spec.sweep_dir or f"runs/sweeps/{name}"),
+                  tracking_uri=tracking_uri(base_cfg),
+                  experiment=base_cfg.tracking.experiment or name,
+                  tracking_enabled=base_cfg.tracking.enabled, trials=[], base_path=base_path,
+                  common=common)
+    if spec.register is not None and not (base_cfg.tracking.enabled
+                                          and base_cfg.tracking.log_model):
+        raise HmamlError(f"{path}: register needs tracking.enabled and tracking.log_model in "
+                         "every trial (the registered version is a trial's logged model)")
+    space = spec.search.space
+    first = {key: _space_ends(dist)[0] for key, dist in space.items()}
+    points = [{**first, key: value} for key, dist in space.items() for value in _space_ends(dist)]
+    points += [{**first, **point} for point in spec.search.enqueue]
+    for point in points:
+        search_trial(sweep, 0, point)
+    return sweep
+
+
+def _space_ends(dist: dict[str, Any]) -> list[Any]:
+    """Every choice, or both ends of a range."""
+    return list(next(iter(dist.values())))
+
+
+def search_trial(sweep: Sweep, number: int, params: dict[str, Any]) -> Trial:
+    """Trial ``number`` of a search, with the study's ``params`` (its axes)."""
+    assert sweep.base_path is not None
+    name = f"t{number:03d}"
+    fixed = {"run_dir": str(sweep.sweep_dir / name), "tracking.run_name": name,
+             "tracking.uri": sweep.tracking_uri, "tracking.experiment": sweep.experiment}
+    cfg = _resolve(sweep.base_path, {**sweep.common, **params, **fixed},
+                   f"{sweep.path}: search trial {name}")
+    return Trial(name, dict(params), dict(params), cfg)
 
 
 def _check_axis_keys(sources: dict[str, list[str]], common: dict[str, Any], path: Path) -> None:

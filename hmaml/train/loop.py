@@ -219,6 +219,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator, stop: StopFlag) -> None:
         self.cfg, self.acc, self.stop = cfg, accelerator, stop
+        self.on_validation: Callable[[int, float], bool] | None = None  # a search's pruner
         self.started = time.perf_counter()
         # seconds the run spent in earlier processes (None: a checkpoint that did not record
         # them) and how many processes it took, so a resumed run reports its whole time
@@ -367,6 +368,13 @@ class Trainer:
         if self.main:
             save_checkpoint(self.rd.best, self._state(epoch + 1, 0, full=False))
 
+    def pruned(self, epoch: int, val_acc: float) -> bool:
+        """Whether the search's pruner stops the trial after this validation (rank 0 asks it;
+        every rank stops at the same epoch)."""
+        if self.on_validation is None:
+            return False
+        return not agree(self.acc, not (self.main and self.on_validation(epoch, val_acc)))
+
     def stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: all ranks must stop at the same step, or the
         others would wait forever in the next all-reduce (SLURM signals may reach one rank)."""
@@ -458,8 +466,10 @@ class Trainer:
             # the epoch's training alone (validation, checkpoints and start-up excluded), and
             # when it ended: trials that share a GPU are compared over their common window
             metrics.update(lr=lr, epoch_s=time.perf_counter() - began, time=time.time())
+            pruned = False
             if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
                 val = evaluate(self.model, self.val_data, self.acc)
+                pruned = self.pruned(epoch + 1, val.mean)
                 metrics["val_acc"] = val.mean
                 metrics["val_ci95"] = val.ci95
                 p = metrics["p"]
@@ -472,6 +482,9 @@ class Trainer:
             self.epoch, self.resume_step = epoch + 1, 0
             self._record(epoch, metrics)
             self._save(self.epoch, 0)
+            if pruned and self.epoch < cfg.train.epochs:
+                self.progress(Status.PRUNED)
+                return Status.PRUNED
             self.progress(Status.RUNNING)
             if self.stop_agreed() and self.epoch < cfg.train.epochs:
                 self.progress(Status.PREEMPTED)
@@ -547,7 +560,8 @@ def _header(trainer: Trainer, changes: list[str]) -> str:
 
 def train(cfg: Config, *, parent_run_id: str | None = None,
           stop_requested: Callable[[], bool] | None = None,
-          tags: dict[str, str] | None = None) -> TrainResult:
+          tags: dict[str, str] | None = None,
+          on_validation: Callable[[int, float], bool] | None = None) -> TrainResult:
     """Train, validate and test one config; resumes from ``cfg.run_dir`` when it holds a run.
 
     A run folder belongs to the config that made it (another is refused, naming the keys)
@@ -555,6 +569,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None,
     stored result, printed; one extended by a larger ``train.epochs`` trains on. A stop request
     (SIGTERM or ``stop_requested()``) checkpoints and returns PREEMPTED; a non-finite loss or
     gradient raises :class:`NonFiniteError` with the run marked FAILED.
+    ``on_validation(epoch, val_acc)`` (a search's pruner, asked on rank 0 after each
+    validation) returning True ends the run PRUNED: checkpointed, not tested.
     """
     rd = RunDir(cfg.run_dir)
     changes = rd.check_config(cfg)
@@ -568,12 +584,12 @@ def train(cfg: Config, *, parent_run_id: str | None = None,
     with ExitStack() as stack:
         if is_rank0():
             stack.enter_context(rd.lock())
-        return _train(cfg, rd, changes, parent_run_id, stop_requested, tags)
+        return _train(cfg, rd, changes, parent_run_id, stop_requested, tags, on_validation)
 
 
 def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | None,
-           stop_requested: Callable[[], bool] | None, tags: dict[str, str] | None
-           ) -> TrainResult:
+           stop_requested: Callable[[], bool] | None, tags: dict[str, str] | None,
+           on_validation: Callable[[int, float], bool] | None) -> TrainResult:
     start = time.perf_counter()
     keep_freed_memory()  # before the first step's activations: see hmaml.allocator
     accelerator = make_accelerator(cfg)
@@ -582,6 +598,7 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
         rd.write_config(cfg)
     with StopFlag(stop_requested) as stop:
         trainer = Trainer(cfg, accelerator, stop)
+        trainer.on_validation = on_validation  # every rank agrees on what rank 0 is told
         if accelerator.is_main_process:
             LOGGER.info(_header(trainer, changes))
         run_tags = {"world_size": accelerator.num_processes, "engine": trainer.plan.engine,
@@ -594,6 +611,12 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
             status = trainer.fit()
             if status == Status.PREEMPTED:
                 trainer.tracker.end("KILLED")
+                return TrainResult(status, str(rd.path), trainer.epoch, run_id)
+            if status == Status.PRUNED:
+                trainer.tracker.set_tags({"pruned_at_epoch": trainer.epoch})
+                trainer.tracker.end("KILLED")
+                LOGGER.info(f"pruned by the search after epoch {trainer.epoch} (val "
+                            f"{trainer.history[-1].get('val_acc', float('nan')):.2f} %)")
                 return TrainResult(status, str(rd.path), trainer.epoch, run_id)
             report = trainer.test()
         except Exception as exc:
@@ -639,12 +662,15 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
         tracker.log_artifact(curve)
     if trainer.cfg.tracking.log_checkpoint and rd.best.is_file():
         tracker.log_artifact(rd.best, "checkpoints")
+    model = (tracker.log_model(rd.path, trainer.cfg.tracking.register)
+             if trainer.cfg.tracking.log_model else None)
     tracker.end("FINISHED")
     trainer.progress(Status.FINISHED)
     print("\n".join([
         *report.lines(),
         f"  best val {trainer.best_val:.2f} % · {wall_time(summary)} · run {rd.path} · "
         f"checkpoint {rd.best} · MLflow run {summary['mlflow_run_id'] or 'off'}",
+        *([f"  {model}"] if model else []),
         *mlflow_lines(tracker)]))
 
 

@@ -45,6 +45,7 @@ class Status(str, Enum):
     RUNNING = "running"
     FINISHED = "finished"
     PREEMPTED = "preempted"
+    PRUNED = "pruned"  # stopped by a search's pruner after a validation (final, not resumed)
     FAILED = "failed"
 
 

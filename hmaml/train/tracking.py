@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module that imports mlflow (lazily, so ``import hmaml`` stays light).
+"""MLflow tracking: with :mod:`hmaml.mlflow_model` (the run as a model), the only module that
+imports mlflow (lazily, so ``import hmaml`` stays light).
 
 Only the main process tracks; other ranks, and runs with ``tracking.enabled: false``, get a
 :class:`NullTracker` with the same methods. Tracking never stops training: if the store is
@@ -61,8 +62,12 @@ _VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 def tracking_uri(cfg: Config) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db``."""
-    return (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{Path.cwd() / 'mlruns.db'}")
+    return store_uri(cfg.tracking.uri)
+
+
+def store_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
 
 
 def ui_link(uri: str, experiment_id: str, ui_url: str | None = None, view: bool = True) -> str:
@@ -143,6 +148,9 @@ class NullTracker:
         return None
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def log_model(self, run_dir: str | Path, register: str | None = None) -> str | None:
         return None
 
     def end(self, status: str = "FINISHED") -> None:
@@ -258,6 +266,27 @@ class Tracker:
         path = Path(path)
         method = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         self._guarded(method, self.run_id, str(path), artifact_path)
+
+    def log_model(self, run_dir: str | Path, register: str | None = None) -> str | None:
+        """Log the run folder's tested checkpoint as the run's MLflow model (and register it as
+        a new version of ``register``); returns what was done, for the closing summary. A
+        failure costs one warning and the model, not the tracking."""
+        if not self.active:
+            return None
+        from hmaml.mlflow_model import log_model, register_model
+
+        assert self.uri is not None and self.run_id is not None
+        try:
+            done = f"MLflow model {log_model(run_dir, self.uri, self.run_id)}"
+            if register:
+                version = register_model(self.uri, self.run_id, register)
+                done += f", registered as models:/{register}/{version}"
+            return done
+        except Exception as exc:
+            warnings.warn(f"the run's MLflow model was not logged or registered "
+                          f"({type(exc).__name__}: {_reason(exc)}); its checkpoint stays in "
+                          f"{run_dir}", RuntimeWarning, stacklevel=2)
+            return None
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
