@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["evaluate.py", "--run", "/nonexistent/run"], "/nonexistent/run"),
     (["sweep.py", "--status", "/nonexistent/sweep"], "/nonexistent/sweep"),
     (["train.py", "--config", "no_such_config"], "no_such_config"),
+    (["sweep.py", "--sweep", "no_such_sweep"], "sweep 'no_such_sweep' not found"),
     (["pack.py", "verify", "/nonexistent/pack"], "/nonexistent/pack"),
     (["pretrain.py", "--config", "mini_pretrain", "pretrain.batch_size=0"],
      "pretrain.batch_size=0"),

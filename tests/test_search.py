@@ -182,6 +182,19 @@ def test_dry_run_describes_the_search(tmp_path: Path, tiny_pack: Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_shipped_sweep_is_found_by_its_name_from_any_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A wheel's user has no configs/sweeps folder: ``--sweep search_quickstart`` is the shipped
+    file (its ``base: quickstart`` the shipped config); a file of that name here comes first."""
+    monkeypatch.chdir(tmp_path)
+    submit("search_quickstart", cluster="local", dry_run=True)
+    assert "an Optuna search of 12 trials of quickstart, 2 at a time" in capsys.readouterr().out
+    (tmp_path / "search_quickstart.yaml").write_text("base: quickstart\nseeds: [0]\n")
+    submit("search_quickstart.yaml", cluster="debug", dry_run=True)
+    assert "Optuna" not in capsys.readouterr().out
+
+
 def test_the_shipped_search_loads_and_first_tries_the_quickstarts_own_settings() -> None:
     from hmaml.config import load_config
     from hmaml.sweep import load_sweep

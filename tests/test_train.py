@@ -131,14 +131,19 @@ def test_sigkill_mid_epoch_then_resume_ends_where_an_uninterrupted_run_ends(
 def test_sigterm_checkpoints_mid_epoch_exits_0_and_resumes_exactly(
         tiny_pack: Path, uninterrupted: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "preempted"
-    cmd = train_command(tiny_pack, run_dir, **{"train.meta_batch": 2})
+    steps = {"train.meta_batch": 2, "train.episodes_per_epoch": 32}  # 16 steps an epoch
+    cmd = train_command(tiny_pack, run_dir, **steps)
     reference_dir = tmp_path / "reference"
-    reference = run(train_command(tiny_pack, reference_dir, **{"train.meta_batch": 2}))
+    reference = run(train_command(tiny_pack, reference_dir, **steps))
     assert reference.returncode == 0, reference.stderr[-3000:]
     proc = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    # the signal lands half-way through epoch 2, timed by the reference run's epoch 2 (a fixed
+    # delay lands at an epoch's end once steps are fast, or before its first step under load)
+    history = (reference_dir / "history.jsonl").read_text().splitlines()
+    half_epoch_s = json.loads(history[1])["epoch_s"] / 2
     _wait_for(run_dir / "progress.json", lambda p: p["epoch"] >= 1, proc)
-    time.sleep(0.3)
+    time.sleep(half_epoch_s)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmaml sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--sweep", metavar="FILE", help="a sweep file (configs/sweeps/*.yaml)")
+    what.add_argument("--sweep", metavar="FILE", help="a sweep file, or the name of a shipped one "
+                      "(configs/sweeps/*.yaml: search_quickstart)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="with --sweep: changes to the sweep file, e.g. sweep_dir=DIR, "
                              "executor.trials_per_gpu=4, overrides.train.epochs=10 (a trial "

@@ -159,7 +159,7 @@ def summarize(sweep_dir: str | Path, echo: Callable[[str], None] = print) -> dic
                                                   for s in states)
     columns = [*axis_keys, "seeds", "test acc (%)", "± 95% CI", "CI over", "best val (%)",
                "wall (min)"]
-    table = [columns] + [[*(override_text(r[k]) for k in axis_keys), r["seeds"],
+    table = [columns] + [[*(_shown(r[k]) for k in axis_keys), r["seeds"],
                           _num(r["test_acc"]), _num(r["ci95"]), r["ci_over"] or "-",
                           _num(r["best_val_acc"]), _num(r["wall_min"], 1)] for r in rows]
     head = f"sweep {info['name']}: {done} of {len(states)} trials finished"
@@ -294,6 +294,12 @@ def _markdown(table: list[list[str]]) -> str:
     lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """An axis value in the printed table: a search's floats to 4 significant digits (the CSV
+    keeps them whole)."""
+    return f"{value:.4g}" if isinstance(value, float) else override_text(value)
 
 
 def _plot(axis_keys: list[str], rows: list[dict[str, Any]], out: Path, title: str) -> None:

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hmaml.config import (
     Config,
+    configs_dir,
     load_config,
     override_text,
     parse_yaml,
@@ -191,10 +192,25 @@ class Sweep:
 # --- loading --------------------------------------------------------------------------------
 
 
+def resolve_sweep_path(path_or_name: str | Path) -> Path:
+    """A path as given; a bare name that is no file (``search_quickstart``, ``.yaml``
+    optional) is a shipped sweep of ``configs/sweeps``, so that a wheel's users can run them."""
+    given = Path(path_or_name)
+    if given.exists() or given.parent != Path("."):
+        return given
+    shipped = configs_dir() / "sweeps" / (given.name if given.suffix in (".yaml", ".yml")
+                                          else f"{given.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    available = sorted(p.stem for p in (configs_dir() / "sweeps").glob("*.yaml"))
+    raise HmamlError(f"sweep {str(path_or_name)!r} not found (no such file; configs/sweeps/ "
+                     f"has: {', '.join(available)})")
+
+
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     """Read and check a sweep file, apply ``key.sub=value`` ``overrides`` to it, and expand its
     trials (each config validated)."""
-    path = Path(path)
+    path = resolve_sweep_path(path)
     try:
         text = path.read_text()
     except OSError as exc:
