@@ -33,8 +33,10 @@ def study(folder: Path) -> optuna.Study:
 def test_a_search_asks_tells_and_prunes_a_bad_trial(tmp_path: Path, tiny_pack: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     path = write_sweep(tmp_path, search_body(**FORCED_BAD), pack=tiny_pack, tracking_uri=uri)
-    out = submit(path, cluster="debug")
+    lines: list[str] = []
+    out = submit(path, cluster="debug", echo=lines.append)
     assert list(out["submitted"]) == ["t000", "t001", "t002"]
+    assert any(line.startswith("[t002] pruned after epoch 2 (val ") for line in lines), lines
     trials = study(tmp_path).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     for t in trials[:2]:  # the study holds each trial's best validation accuracy

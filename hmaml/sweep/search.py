@@ -302,6 +302,11 @@ class _Driver:
             return "preempted: the next submission resumes it"
         if state == "finished" and result is not None:
             return _result_line(result)
+        if state == "pruned":
+            reported = self.study.trials[number].intermediate_values
+            if reported:
+                epoch = max(reported)
+                return f"pruned after epoch {epoch} (val {reported[epoch]:.2f} %)"
         return state
 
     def _poll(self) -> None:
