@@ -303,7 +303,7 @@ class _Driver:
         if state == "finished" and result is not None:
             return _result_line(result)
         if state == "pruned":
-            reported = self.study.trials[number].intermediate_values
+            reported = self.study.get_trials(deepcopy=False)[number].intermediate_values
             if reported:
                 epoch = max(reported)
                 return f"pruned after epoch {epoch} (val {reported[epoch]:.2f} %)"
