@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hmaml.errors import HmamlError
+from hmaml.errors import HmamlError, first_line
 
 #: ``train.mixed_precision``: auto picks bf16 where the hardware runs it fast (hmaml.precision).
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -302,7 +302,7 @@ def parse_yaml(text: str, source: str, kind: str = "a config") -> dict[str, Any]
     try:
         node = OmegaConf.create(text)
     except Exception as exc:
-        raise HmamlError(f"{source}: not valid YAML ({_first_line(exc)})") from None
+        raise HmamlError(f"{source}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(node, DictConfig):
         raise HmamlError(f"{source}: {kind} must be a mapping of keys to values")
     return OmegaConf.to_container(node, resolve=False)
@@ -340,7 +340,7 @@ def _override_layers(overrides: list[str] | tuple[str, ...]) -> list[Layer]:
         try:
             node = OmegaConf.from_dotlist([item])
         except Exception as exc:
-            raise HmamlError(f"override {item!r}: {_first_line(exc)}") from None
+            raise HmamlError(f"override {item!r}: {first_line(exc)}") from None
         layers.append((f"override {item!r}", OmegaConf.to_container(node, resolve=False)))
     return layers
 
@@ -353,12 +353,12 @@ def _build(layers: list[Layer]) -> Config:
             merged = OmegaConf.merge(merged, raw)
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", None) or "?"
-            raise HmamlError(f"{source}: {key}: {_first_line(exc)}") from None
+            raise HmamlError(f"{source}: {key}: {first_line(exc)}") from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise HmamlError(f"{_source_of(layers, key)}: {key}: {_first_line(exc)}") from None
+        raise HmamlError(f"{_source_of(layers, key)}: {key}: {first_line(exc)}") from None
     assert isinstance(cfg, Config)
     _check(cfg, lambda key: _source_of(layers, key))
     return cfg
@@ -398,11 +398,6 @@ def _source_of(layers: list[Layer], dotted: str) -> str:
         else:
             return source
     return layers[-1][0] if layers else "config"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check(cfg: Config, source_of: Any) -> None:

@@ -18,6 +18,12 @@ class HmamlError(Exception):
     """
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's message (its type when the message is empty), cut to
+    ``limit`` characters: what a one-line report of someone else's exception quotes."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def one_line_errors(main: Callable[P, int | None]) -> Callable[P, int]:
     """Wrap a command's ``main``: a :class:`HmamlError` becomes ``error: <message>`` on stderr
     and exit status 2; otherwise the status is what ``main`` returned (None: 0)."""

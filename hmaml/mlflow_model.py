@@ -52,7 +52,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 from PIL import Image, UnidentifiedImageError
 
 from hmaml.config import config_from_yaml
-from hmaml.errors import HmamlError
+from hmaml.errors import HmamlError, first_line
 from hmaml.files import write_json_atomic
 from hmaml.methods.base import QUERY_NORMS
 from hmaml.predict import TrainedRun, load_run, run_image_spec
@@ -341,7 +341,7 @@ def download_model(model_uri: str, tracking_uri: str | None = None) -> Iterator[
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
                                                                  dst_path=out))
         except MlflowException as exc:
-            raise HmamlError(f"{model_uri}: not found in {uri} ({_reason(exc)})") from None
+            raise HmamlError(f"{model_uri}: not found in {uri} ({first_line(exc, 300)})") from None
         folder = local / "artifacts" / RUN_ARTIFACT
         if not RunDir(folder).best.is_file():
             raise HmamlError(f"{model_uri}: not an hmaml model (no artifacts/{RUN_ARTIFACT}/"
@@ -390,6 +390,3 @@ def served(model_uri: str, tracking_uri: str, log: Path, timeout_s: float = 180.
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-
-def _reason(exc: MlflowException) -> str:
-    return (exc.message.strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from hmaml.config import override_text
-from hmaml.errors import HmamlError
+from hmaml.errors import HmamlError, first_line
 from hmaml.files import read_json, write_json_atomic
 from hmaml.sweep.job import PackedTrials, TrialJob
 from hmaml.sweep.report import SWEEP_JSON, summarize
 from hmaml.sweep.signals import still_running
-from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, _first_line, load_sweep
+from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, load_sweep
 from hmaml.train.plan import make_plan
 from hmaml.train.rundir import RunDir, Status, TrainResult, wall_time
 from hmaml.train.tracking import Tracker
@@ -252,7 +252,7 @@ def _run_debug(jobs: list[tuple[Trial, TrialJob]], echo: Callable[[str], None]
             result = job()
         except Exception as exc:
             out[trial.name] = "failed"
-            echo(f"[{trial.name}] failed: {type(exc).__name__}: {_first_line(exc)}")
+            echo(f"[{trial.name}] failed: {type(exc).__name__}: {first_line(exc)}")
             continue
         out[trial.name] = result.status.value
         echo(f"[{trial.name}] {_result_line(result)}")
@@ -321,7 +321,7 @@ def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: P
                     try:
                         echo(f"[{name}] {_result_line(handle.result())}")
                     except Exception as exc:
-                        echo(f"[{name}] failed ({_first_line(exc)}); log: {handle.paths.stderr}")
+                        echo(f"[{name}] failed ({first_line(exc)}); log: {handle.paths.stderr}")
     except BaseException:  # Ctrl-C, or a caller's time limit: no trial outlives the submitter
         for handle, _ in running.values():  # (each resumes at the next submission)
             handle.cancel(check=False)
@@ -337,7 +337,7 @@ def slurm_executor(spec: ExecutorSpec, folder: Path) -> Any:
         executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
                                          slurm_max_num_timeout=spec.max_num_timeout)
     except RuntimeError as exc:
-        raise HmamlError(f"cluster slurm: {_first_line(exc)} (use --cluster local or debug)"
+        raise HmamlError(f"cluster slurm: {first_line(exc)} (use --cluster local or debug)"
                          ) from None
     executor.update_parameters(**executor_parameters(spec, "slurm"))
     return executor
@@ -357,7 +357,7 @@ def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder
             handles = [executor.submit(PackedTrials([job for _, job in group]) if spec.packed
                                        else group[0][1]) for group in groups]
     except FailedJobError as exc:
-        raise HmamlError(f"sbatch refused the job array: {_first_line(exc)}") from None
+        raise HmamlError(f"sbatch refused the job array: {first_line(exc)}") from None
     out = {trial.name: str(handle.job_id) for group, handle in zip(groups, handles, strict=True)
            for trial, _ in group}
     for name, job_id in out.items():

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from hmaml.config import Config
+from hmaml.errors import first_line
 from hmaml.files import read_json, write_json_atomic
 from hmaml.sweep.signals import PreemptionGuard, job_environment, process_alive, restart_count
-from hmaml.sweep.spec import _first_line
 from hmaml.train.rundir import RunDir, Status, TrainResult
 
 
@@ -101,7 +101,7 @@ class TrialJob:
                                tags=self.tags, on_validation=self.on_validation)
             state = result.status.value
         except Exception as exc:
-            state, error = "failed", f"{type(exc).__name__}: {_first_line(exc)}"
+            state, error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
             raise
         finally:  # also after submitit's own requeue exit (SystemExit) or Ctrl-C: resumable
             if main:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hmaml.config import override_text
-from hmaml.errors import HmamlError
+from hmaml.errors import HmamlError, first_line
 from hmaml.files import read_json
 from hmaml.plots import plot_bars, plot_search
 from hmaml.sweep.spec import _name_value
@@ -263,7 +263,7 @@ def search_summary(info: dict[str, Any], sweep_dir: Path) -> tuple[list[str], li
         try:
             importances = optuna.importance.get_param_importances(study)
         except Exception as exc:  # too few distinct values: the summary stands without it
-            lines += ["", f"parameter importances: not computed ({_first_line_of(exc)})"]
+            lines += ["", f"parameter importances: not computed ({first_line(exc, 200)})"]
         else:
             lines += ["", "parameter importances (fANOVA):", "",
                       _markdown([["parameter", "importance"],
@@ -280,10 +280,6 @@ def search_summary(info: dict[str, Any], sweep_dir: Path) -> tuple[list[str], li
 
 def _param(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _first_line_of(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _num(value: float | None, digits: int = 2) -> str:

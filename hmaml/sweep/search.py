@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hmaml.errors import HmamlError
+from hmaml.errors import HmamlError, first_line
 from hmaml.files import read_json, write_json_atomic
 from hmaml.sweep.execute import (
     LOCAL_SIGNAL_DELAY_S,
@@ -33,7 +33,7 @@ from hmaml.sweep.execute import (
 from hmaml.sweep.job import TrialJob
 from hmaml.sweep.report import SWEEP_JSON, summarize, trial_state
 from hmaml.sweep.signals import still_running
-from hmaml.sweep.spec import PrunerSpec, SearchSpec, Sweep, Trial, _first_line, search_trial
+from hmaml.sweep.spec import PrunerSpec, SearchSpec, Sweep, Trial, search_trial
 from hmaml.train.plan import make_plan
 from hmaml.train.rundir import RunDir, TrainResult
 from hmaml.train.tracking import Tracker
@@ -97,7 +97,7 @@ def open_study(sweep: Sweep, storage: str, epochs: int) -> Any:
                                     load_if_exists=True)
     except Exception as exc:  # a bad URL, a server that refuses: one line
         raise HmamlError(f"search.storage={storage}: {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from None
+                         f"{first_line(exc)}") from None
     if study.direction.name.lower() != search.direction:
         raise HmamlError(f"{sweep.path}: study {sweep.name} in {storage} was made to "
                          f"{study.direction.name.lower()}, not {search.direction}")
@@ -282,7 +282,7 @@ class _Driver:
                 self.echo(f"[{trial.name}] {self._ended(number, trial, result)}")
             except Exception as exc:
                 self.echo(f"[{trial.name}] {self._tell(number, trial)}: "
-                          f"{type(exc).__name__}: {_first_line(exc)}")
+                          f"{type(exc).__name__}: {first_line(exc)}")
             self.submitted[trial.name] = "in-process"
             self.free.append(slot)
             return
@@ -318,7 +318,7 @@ class _Driver:
             try:
                 line = self._ended(number, trial, handle.result())
             except Exception as exc:
-                line = (f"{self._tell(number, trial)} ({_first_line(exc)}); log: "
+                line = (f"{self._tell(number, trial)} ({first_line(exc)}); log: "
                         f"{handle.paths.stderr}")
             self.echo(f"[{trial.name}] {line}")
         slurm_jobs = _slurm_jobs(self.info)

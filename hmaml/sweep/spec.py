@@ -31,7 +31,7 @@ from hmaml.config import (
     resolve_config_path,
     validate,
 )
-from hmaml.errors import HmamlError
+from hmaml.errors import HmamlError, first_line
 
 CLUSTERS = ("slurm", "local", "debug")
 SPACE_KINDS = ("choice", "uniform", "loguniform")
@@ -221,7 +221,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), raw))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise HmamlError(f"{path}: {key}: {_first_line(exc)}") from None
+        raise HmamlError(f"{path}: {key}: {first_line(exc)}") from None
     assert isinstance(spec, SweepSpec)
     _check_spec(spec, path)
     return _expand(spec, path)
@@ -243,7 +243,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         try:
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
         except Exception as exc:
-            raise HmamlError(f"sweep override {item!r}: {_first_line(exc)}") from None
+            raise HmamlError(f"sweep override {item!r}: {first_line(exc)}") from None
         section, _, rest = key.partition(".")
         if section in _FLAT_SECTIONS and rest:
             merged = _flat(dict(raw.get(section) or {}))
@@ -649,9 +649,4 @@ def _name_value(value: Any) -> str:
 def _absolute(path: str) -> Path:
     given = Path(path).expanduser()
     return given if given.is_absolute() else Path.cwd() / given
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from hmaml.config import Config, flatten
+from hmaml.errors import first_line
 from hmaml.files import write_text_atomic
 from hmaml.train.rundir import RunDir
 
@@ -102,7 +103,7 @@ def ensure_view(client: Any, experiment_id: str) -> bool:
         if key not in client.get_experiment(experiment_id).tags:
             client.set_experiment_tag(experiment_id, key, value)
     except Exception as exc:
-        reason = _reason(exc)
+        reason = first_line(exc, 300)
         warnings.warn(f"MLflow: the runs-table view {VIEW_KEY!r} of experiment {experiment_id} "
                       f"could not be saved ({type(exc).__name__}: {reason}); the link opens the "
                       f"default columns", RuntimeWarning, stacklevel=3)
@@ -284,8 +285,8 @@ class Tracker:
             return done
         except Exception as exc:
             warnings.warn(f"the run's MLflow model was not logged or registered "
-                          f"({type(exc).__name__}: {_reason(exc)}); its checkpoint stays in "
-                          f"{run_dir}", RuntimeWarning, stacklevel=2)
+                          f"({type(exc).__name__}: {first_line(exc, 300)}); its checkpoint "
+                          f"stays in {run_dir}", RuntimeWarning, stacklevel=2)
             return None
 
     def end(self, status: str = "FINISHED") -> None:
@@ -371,15 +372,10 @@ class Tracker:
         self._client = None
         if not self._warned:
             self._warned = True
-            reason = _reason(exc)
+            reason = first_line(exc, 300)
             warnings.warn(f"MLflow tracking at {self.uri} is off for the rest of this run "
                           f"({type(exc).__name__}: {reason}); {self.consequence}",
                           RuntimeWarning, stacklevel=3)
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of an error's message (its type when empty), cut to 300 characters."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _client(uri: str) -> tuple[Any, Path | None]:
