@@ -227,8 +227,7 @@ def move_alias(info: dict[str, Any], echo: Callable[[str], None] = print) -> dic
                                  reuse=True)
     except Exception as exc:  # the summary stands without the alias
         warnings.warn(f"alias {alias} of {name} not moved ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''})", RuntimeWarning,
-                      stacklevel=2)
+                      f"{first_line(exc)})", RuntimeWarning, stacklevel=2)
         return None
     echo(f"{alias}: trial {record['name']} (best val {val:.2f} %, test "
          f"{_num(test.get('test_acc'))} %) is models:/{name}@{alias} (version {version})")
@@ -252,12 +251,12 @@ def search_summary(info: dict[str, Any], sweep_dir: Path) -> tuple[list[str], li
     if complete:
         best = study.best_trial
         lines.append(f"best: t{best.number:03d}, {metric} = {best.value:.4g} ("
-                     + ", ".join(f"{k}={_param(v)}" for k, v in best.params.items()) + ")")
+                     + ", ".join(f"{k}={param_text(v)}" for k, v in best.params.items()) + ")")
         lines.append("")
     keys = list(study.trials[0].distributions) if trials else []
     table = [["trial", "optuna state", metric, *keys]]
     table += [[f"t{t.number:03d}", t.state.name.lower(), _num(t.value, 4),
-               *(_param(t.params.get(k)) for k in keys)] for t in trials]
+               *(param_text(t.params.get(k)) for k in keys)] for t in trials]
     lines.append(_markdown(table))
     if len(complete) >= 3 and keys:
         try:
@@ -278,7 +277,8 @@ def search_summary(info: dict[str, Any], sweep_dir: Path) -> tuple[list[str], li
     return lines, [out]
 
 
-def _param(value: Any) -> str:
+def param_text(value: Any) -> str:
+    """A search parameter as the search prints it: floats to 4 significant digits."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

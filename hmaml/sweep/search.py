@@ -31,7 +31,7 @@ from hmaml.sweep.execute import (
     slurm_executor,
 )
 from hmaml.sweep.job import TrialJob
-from hmaml.sweep.report import SWEEP_JSON, summarize, trial_state
+from hmaml.sweep.report import SWEEP_JSON, param_text, summarize, trial_state
 from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import PrunerSpec, SearchSpec, Sweep, Trial, search_trial
 from hmaml.train.plan import make_plan
@@ -356,8 +356,7 @@ class _Driver:
 
 
 def _params(trial: Trial) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in trial.axes.items())
+    return " ".join(f"{k}={param_text(v)}" for k, v in trial.axes.items())
 
 
 def _slurm_jobs(info: dict[str, Any]) -> dict[str, str]:
