@@ -291,13 +291,10 @@ def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: P
                echo: Callable[[str], None]) -> dict[str, str]:
     """submitit local processes, at most ``max_local_parallel`` at a time (with GPUs: as many
     as :func:`gpu_slots` gives, each trial on its own GPUs); waits for all."""
-    import submitit
-
     slots = gpu_slots(spec)
     free: list[tuple[int, ...] | None] = list(slots) if slots is not None else \
         [None] * spec.max_local_parallel
-    executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=spec.max_num_timeout)
-    executor.update_parameters(**executor_parameters(spec, "local"))
+    executor = local_executor(spec, folder)
     queue = list(jobs)
     running: dict[str, tuple[Any, tuple[int, ...] | None]] = {}
     out: dict[str, str] = {}
@@ -327,6 +324,15 @@ def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: P
             handle.cancel(check=False)
         raise
     return out
+
+
+def local_executor(spec: ExecutorSpec, folder: Path) -> Any:
+    """submitit's local executor with the sweep's settings (job logs under ``folder``)."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=spec.max_num_timeout)
+    executor.update_parameters(**executor_parameters(spec, "local"))
+    return executor
 
 
 def slurm_executor(spec: ExecutorSpec, folder: Path) -> Any:

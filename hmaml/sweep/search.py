@@ -14,6 +14,7 @@ folder, and no trial is run twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from hmaml.sweep.execute import (
     _sqlite_warning,
     executor_parameters,
     gpu_slots,
+    local_executor,
     slurm_executor,
 )
 from hmaml.sweep.job import TrialJob
@@ -158,8 +160,7 @@ def run_search(sweep: Sweep, cluster: str, echo: Callable[[str], None] = print,
         "tracking_uri": sweep.tracking_uri, "experiment": sweep.experiment,
         "parent_run_id": parent, "trials": list((old or {}).get("trials", [])),
         "register": (old or {}).get("register") or (
-            {"name": sweep.spec.register.name, "alias": sweep.spec.register.alias}
-            if sweep.spec.register else None),
+            dataclasses.asdict(sweep.spec.register) if sweep.spec.register else None),
         "search": {"storage": storage, "study": sweep.name, "n_trials": search.n_trials,
                    "metric": search.metric, "direction": search.direction},
         "submissions": (old or {}).get("submissions", [])}
@@ -251,14 +252,10 @@ class _Driver:
         parallel = self.search.parallel
         if self.cluster == "debug":
             return None, [None]
-        import submitit
-
         if self.cluster == "local":
             slots = gpu_slots(spec)
-            executor = submitit.LocalExecutor(folder=folder / "%j",
-                                              max_num_timeout=spec.max_num_timeout)
-            executor.update_parameters(**executor_parameters(spec, "local"))
-            return executor, (list(slots)[:parallel] if slots is not None else [None] * parallel)
+            return local_executor(spec, folder), (list(slots)[:parallel] if slots is not None
+                                                  else [None] * parallel)
         return slurm_executor(spec, folder), [None] * parallel
 
     def _job(self, trial: Trial, trial_id: int) -> TrialJob:
