@@ -5,7 +5,7 @@ Why: a training step allocates and frees activations of hundreds of MB (the firs
 large with ``mmap`` and returns them with ``munmap``, so every step touches fresh pages that the
 kernel must zero and map: on the project's 2-core machine those page faults took more time than
 the arithmetic (a bf16 HyperMAML step of 32 tasks: 1.8 s, 1.1 s with the memory kept; see
-README, Benchmarks). PyTorch's CPU tensors come from plain ``malloc``, so two ``mallopt`` calls
+docs/benchmarks.md). PyTorch's CPU tensors come from plain ``malloc``, so two ``mallopt`` calls
 fix it in-process: no ``mmap`` for large blocks, no trimming of the heap. The process then keeps
 its peak memory until it ends, which a training or evaluation process reaches anyway.
 """

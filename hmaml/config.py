@@ -25,7 +25,6 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 #: ``train.device``: auto takes CUDA, else Apple's MPS, else the CPU (hmaml.train.plan).
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
-ADAPT = ("head", "all")
 NONFINITE = ("stop", "skip")
 
 # Keys whose values fix the parameter and optimizer-state shapes: a checkpoint can only be
@@ -406,6 +405,7 @@ def _check(cfg: Config, source_of: Any) -> None:
     from hmaml.data.transforms import PRESETS as AUGMENTS
     from hmaml.methods import METHODS
     from hmaml.methods.base import QUERY_NORMS
+    from hmaml.methods.maml import ADAPT_MODES
     from hmaml.models import ENCODERS, INITS
 
     def fail(key: str, why: str) -> None:
@@ -448,10 +448,10 @@ def _check(cfg: Config, source_of: Any) -> None:
     at_least("pretrain.batch_size", cfg.pretrain.batch_size, 2)
     if not 0 <= cfg.pretrain.momentum < 1:
         fail("pretrain.momentum", "must be in [0, 1)")
-    one_of("method.name", m.name, METHODS)
+    one_of("method.name", m.name, tuple(METHODS))
     at_least("method.inner_steps", m.inner_steps, 0)
     at_least("method.inner_lr", m.inner_lr, 0)
-    one_of("method.adapt", m.adapt, ADAPT)
+    one_of("method.adapt", m.adapt, ADAPT_MODES)
     at_least("method.hn_depth", m.hn_depth, 1)
     at_least("method.hn_width", m.hn_width, 1)
     at_least("method.warmup_start", m.warmup_start, 0)

@@ -36,6 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +59,7 @@ from hmaml.methods.base import QUERY_NORMS
 from hmaml.predict import TrainedRun, load_run, run_image_spec
 from hmaml.train.checkpoint import load_checkpoint
 from hmaml.train.rundir import RunDir
-from hmaml.train.tracking import store_uri, tracking_uri
+from hmaml.train.tracking import NullTracker, Tracker, store_uri, tracking_uri
 
 #: The model's name inside its run (``runs:/<run id>/model``).
 MODEL_NAME = "model"
@@ -256,6 +257,27 @@ def log_model(run_dir: str | Path, uri: str, run_id: str) -> str:
                 artifacts={RUN_ARTIFACT: str(folder)}, signature=signature(),
                 input_example=example, pip_requirements=_requirements())
     return info.model_uri
+
+
+def log_run_model(tracker: Tracker | NullTracker, run_dir: str | Path,
+                  register: str | None = None) -> str | None:
+    """Log the run folder's tested checkpoint as the tracked run's MLflow model (and register it
+    as a new version of ``register``); returns what was done, for the closing summary (None when
+    the run is not tracked). A failure costs one warning and the model, not the run."""
+    if not tracker.active:
+        return None
+    assert tracker.uri is not None and tracker.run_id is not None
+    try:
+        done = f"MLflow model {log_model(run_dir, tracker.uri, tracker.run_id)}"
+        if register:
+            version = register_model(tracker.uri, tracker.run_id, register)
+            done += f", registered as models:/{register}/{version}"
+        return done
+    except Exception as exc:
+        warnings.warn(f"the run's MLflow model was not logged or registered "
+                      f"({type(exc).__name__}: {first_line(exc, 300)}); its checkpoint "
+                      f"stays in {run_dir}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _version_tags(client: MlflowClient, run_id: str) -> dict[str, str]:

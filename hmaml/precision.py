@@ -60,8 +60,8 @@ def resolve_precision(mode: str, device: torch.device,
 
     On CUDA, ``auto`` is bf16 only under ``train.compile`` (CUDA graphs): an eager step of
     few-shot tasks is bound by kernel launches, not arithmetic, and the bf16 encoder adds a cast
-    per weight and activation (+10 % kernels per step). Measured on H100s (README, The GPU
-    check): eager bf16 1,378 and 2,370 tasks/s against fp32 1,943 and 1,949 on two machines,
+    per weight and activation (+10 % kernels per step). Measured on H100s (docs/benchmarks.md:
+    The GPU check): eager bf16 1,378 and 2,370 tasks/s against fp32 1,943 and 1,949 on two machines,
     adaptation no faster at 28 or 84 px; compiled with CUDA graphs bf16 4,903 against 2,239.
     """
     if mode != "auto":

@@ -13,7 +13,7 @@ pack's evaluation transform, so a task built from pack images gives exactly the 
 Normalisation: every method was trained and tested with BatchNorm statistics of each image set
 (``transductive``): the queries are normalised together, so a prediction depends on the other
 queries. ``norm="support"`` normalises the queries with the support set's statistics instead, so
-each image is classified on its own (one image at a time works); its accuracy is in the README.
+each image is classified on its own (one image at a time works); its accuracy: docs/tracking.md.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
 from hmaml.train.build import build_model
 from hmaml.train.checkpoint import load_checkpoint, load_model_state
-from hmaml.train.plan import pick_device
+from hmaml.train.engine import pick_device
 from hmaml.train.rundir import RunDir
 
 #: An image given to the API: a file path, a PIL image or a uint8 array ``[H, W]``/``[H, W, C]``.

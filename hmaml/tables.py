@@ -19,7 +19,7 @@ import numpy as np
 from hmaml.config import flatten
 from hmaml.data.store import read_manifest
 from hmaml.errors import HmamlError
-from hmaml.files import read_json, write_json_atomic
+from hmaml.files import write_json_atomic
 from hmaml.plots import plot_seeds, plot_steps
 from hmaml.train.protocol import evaluate_run
 from hmaml.train.rundir import MAY_CHANGE, NOT_COMPARED, RunDir
@@ -62,7 +62,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def update_norms(maml_run: str | Path, hypermaml_run: str | Path, *, episodes: int | None,
+def update_norm_rows(maml_run: str | Path, hypermaml_run: str | Path, *, episodes: int | None,
                  repeats: int | None) -> list[dict[str, Any]]:
     """Table 3: per run, the mean over the test tasks of ``||W' - W||`` and ``||b' - b||`` of the
     classifier, mean ± std over the test repeats."""
@@ -112,7 +112,7 @@ def steps_table(maml_run: str | Path, hypermaml_run: str | Path, *, steps: Seque
     for model, run, k in [*(("MAML", maml.path, k) for k in steps),
                           ("HyperMAML", hyper.path, None)]:
         overrides = [] if k is None else [f"method.inner_steps={k}"]
-        summary = evaluate_run(run, episodes, repeats, overrides, warmup=True, write=False)
+        summary = evaluate_run(run, episodes, repeats, overrides, untimed_batch=True, write=False)
         seconds = _mean_std(summary["test_seconds"])
         rows.append({"model": model, "steps": k, "seconds": seconds[0],
                      "seconds_std": seconds[1], "acc": summary["test_acc"],
@@ -157,9 +157,9 @@ def _finished_run(run: str | Path) -> tuple[RunDir, dict[str, str], dict[str, An
     cfg = rd.stored_config()
     if cfg is None:
         raise HmamlError(f"{rd.path}: not a run directory (no {rd.config.name})")
-    test = read_json(rd.test)
+    test = rd.read_test()
     if test is None or test.get("status") != "finished":
-        progress = read_json(rd.progress) or {}
+        progress = rd.read_progress() or {}
         raise HmamlError(f"{rd.path}: not finished (epoch {progress.get('epoch', 0)} of "
                          f"{progress.get('epochs', cfg.train.epochs)}); a comparison over seeds "
                          "needs every seed's test")

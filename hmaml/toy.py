@@ -26,7 +26,7 @@ from hmaml.tasks import TaskBatch
 CENTRE = torch.tensor([3.0, 3.0])
 OFFSET, LONG, SHORT = 1.2, 0.55, 0.12
 # (mean, std) of the four clusters: top, bottom (horizontal), left, right (vertical)
-CLUSTERS = [
+GAUSSIANS = [
     (CENTRE + torch.tensor([0.0, OFFSET]), torch.tensor([LONG, SHORT])),
     (CENTRE - torch.tensor([0.0, OFFSET]), torch.tensor([LONG, SHORT])),
     (CENTRE - torch.tensor([OFFSET, 0.0]), torch.tensor([SHORT, LONG])),
@@ -38,7 +38,7 @@ TYPE_NAMES = ["top=0 / bottom=1", "bottom=0 / top=1", "left=0 / right=1", "right
 
 
 def sample_points(cluster: int, n: int, gen: torch.Generator) -> Tensor:
-    mean, std = CLUSTERS[cluster]
+    mean, std = GAUSSIANS[cluster]
     return mean + std * torch.randn(n, 2, generator=gen)
 
 

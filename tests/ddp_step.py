@@ -16,11 +16,12 @@ import sys
 import torch
 
 from hmaml.config import Config
-from hmaml.data.episodes import train_loader
 from hmaml.data.store import read_manifest
+from hmaml.data.stream import train_loader
 from hmaml.methods import build_method
 from hmaml.models import build_encoder
-from hmaml.train.loop import make_accelerator, optimizer_step
+from hmaml.train.engine import make_accelerator
+from hmaml.train.loop import optimizer_step
 from hmaml.train.plan import make_plan
 
 STEPS = 2

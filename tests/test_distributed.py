@@ -16,7 +16,8 @@ import torch
 from hmaml.config import load_config
 from hmaml.errors import HmamlError
 from hmaml.train.checkpoint import load_checkpoint
-from hmaml.train.plan import even_split, launch_from_file, make_plan
+from hmaml.train.engine import launch_from_file
+from hmaml.train.plan import even_split, make_plan
 from launch.train import main as train_main
 from tests.train_fixtures import (
     ROOT,

@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hmaml.data.episodes import (
-    MB,
-    EpisodeStream,
-    ShardInfo,
-    StreamBuffer,
-    eval_episodes,
-    eval_loader,
-    read_shard,
-    sample_images,
-    split_info,
-    stream_classes,
-    train_loader,
-)
+from hmaml.data.eval_lists import eval_episodes, eval_loader
+from hmaml.data.split import ShardInfo, read_shard, sample_images, split_info
 from hmaml.data.store import read_manifest
+from hmaml.data.stream import MB, EpisodeStream, StreamBuffer, stream_classes, train_loader
 from hmaml.errors import HmamlError
 from hmaml.tasks import TaskBatch
 from tests.stream_fixtures import decode_ids, write_pack

@@ -25,7 +25,7 @@ import hmaml
 from hmaml.commands.predict import main as predict_main
 from hmaml.commands.register import main as register_main
 from hmaml.config import load_config
-from hmaml.data.episodes import load_split
+from hmaml.data.split import load_split
 from hmaml.errors import HmamlError
 from hmaml.mlflow_model import encode_image, example_task, served, task_frame
 from hmaml.sweep import submit

@@ -13,10 +13,11 @@ import pytest
 import webdataset as wds
 
 from hmaml.data.download import safe_extract
-from hmaml.data.episodes import EpisodeStream, load_split
 from hmaml.data.format import MANIFEST_NAME, decode_class_record, sha256_file
 from hmaml.data.pack import pack_dataset, verify_pack
+from hmaml.data.split import load_split
 from hmaml.data.store import read_manifest
+from hmaml.data.stream import EpisodeStream
 from hmaml.errors import HmamlError
 from launch.pack import main
 from tests.data_fixtures import (

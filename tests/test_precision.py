@@ -115,7 +115,7 @@ def test_the_encoder_runs_in_its_precision() -> None:
 
 
 def test_train_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch) -> None:
-    from hmaml.train.plan import pick_device
+    from hmaml.train.engine import pick_device
 
     def seen(cuda: bool, mps: bool) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

@@ -15,7 +15,7 @@ from PIL import Image
 import hmaml
 from hmaml.commands.predict import main as predict_main
 from hmaml.config import MethodConfig, config_from_yaml, fingerprint
-from hmaml.data.episodes import TaskImages, load_split
+from hmaml.data.split import TaskImages, load_split
 from hmaml.data.transforms import build_transform
 from hmaml.methods import build_method
 from hmaml.models import build_encoder

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hmaml.config import load_config
-from hmaml.data.episodes import EpisodeStream
 from hmaml.data.pack import pack_dataset
 from hmaml.data.sources import read_ravi_csv
+from hmaml.data.stream import EpisodeStream
 from hmaml.errors import HmamlError
 from hmaml.models import build_encoder, save_encoder
 from hmaml.precision import Precision

@@ -18,10 +18,11 @@ import fsspec
 import pytest
 import torch
 
-from hmaml.data.episodes import EpisodeStream, eval_loader
+from hmaml.data.eval_lists import eval_loader
 from hmaml.data.format import MANIFEST_NAME, sha256_file
 from hmaml.data.pack import verify_pack
 from hmaml.data.store import PackStore, RemotePolicy, read_manifest
+from hmaml.data.stream import EpisodeStream
 from hmaml.errors import HmamlError
 from hmaml.train.loop import train
 from tests.train_fixtures import tiny_config, tiny_pack  # noqa: F401 -- fixture

@@ -246,7 +246,7 @@ def test_bad_request_is_named(dataset, src, options, match):
 
 
 def test_pack_mini_imagenet_reads_the_split_lists_from_split_dir(tmp_path):
-    """`hmaml pack mini-imagenet --split-dir` (the README's command: csvs downloaded apart from
+    """`hmaml pack mini-imagenet --split-dir` (docs/data.md's command: csvs downloaded apart from
     the images)."""
     csv_dir = _mini_subset(tmp_path, "images")
     out = tmp_path / "pack"

@@ -261,9 +261,9 @@ def test_evaluation_batches_fit_the_memory_budget_and_do_not_change_results(
     convolutions rounds otherwise, which can flip a near-tie of an untrained model)."""
     from accelerate import Accelerator
 
-    from hmaml.evaluate import evaluate
     from hmaml.precision import resolve_precision
     from hmaml.train.build import build_model, episodes_of, eval_tasks_per_batch, open_packs
+    from hmaml.train.evaluate import evaluate
 
     cfg = tiny_config(tiny_pack, tmp_path / "run", **{"eval.tasks_per_batch": "null",
                                                       "train.mixed_precision": "no"})

@@ -32,9 +32,9 @@ def adapt_times(device: torch.device, episodes: int, meta_batch: int, repeats: i
     """Seconds to classify ``episodes`` 5-way 1-shot tasks with each method.
 
     Every encoder runs in ``dtype`` (None: fp32), under ``torch.inference_mode`` where the
-    method takes no gradient to adapt, as :func:`hmaml.evaluate.evaluate` runs them. The methods
-    take turns batch by batch (and the best of ``repeats`` rounds counts), so a change in the
-    machine's load during the run affects every method alike and the ratios hold.
+    method takes no gradient to adapt, as :func:`hmaml.train.evaluate.evaluate` runs them. The
+    methods take turns batch by batch (and the best of ``repeats`` rounds counts), so a change in
+    the machine's load during the run affects every method alike and the ratios hold.
     """
     torch.manual_seed(0)
     batches = [random_batch(meta_batch, 5, 1, query, device, channels, size)

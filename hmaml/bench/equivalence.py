@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hmaml.config import Config, load_config
-from hmaml.data.episodes import train_loader
+from hmaml.data.stream import train_loader
 from hmaml.methods import Method
 from hmaml.models import fused
 from hmaml.precision import Precision

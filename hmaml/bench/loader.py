@@ -6,7 +6,7 @@ augmentation, worker transfer) on a given pack and on two synthetic packs it wri
 (the character path). Steady-state rate: the clock starts once the first meta-batch has arrived,
 so worker start-up and buffer filling are reported apart (``*_startup_s``). Beside each synthetic
 pack it times what training consumes at those shapes (HyperMAML steps in the precision ``auto``
-picks) and prints the ratio, which must stay well above 1 (the README asks >= 10).
+picks) and prints the ratio, which must stay well above 1 (docs/data.md asks >= 10).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch
 import webdataset as wds
 
 from hmaml.bench.train import hypermaml_step
-from hmaml.data.episodes import train_loader
 from hmaml.data.format import (
     MANIFEST_NAME,
     PACK_VERSION,
@@ -33,6 +32,7 @@ from hmaml.data.format import (
     shard_name,
 )
 from hmaml.data.store import read_manifest
+from hmaml.data.stream import train_loader
 from hmaml.errors import HmamlError
 from hmaml.precision import resolve_precision
 

@@ -92,7 +92,7 @@ def ensure_packs(code: Code, raw: Path | None, log: Callable[[str], None]) -> No
                if not (code.packs / name / "manifest.json").is_file()]
     if missing and raw is None:
         raise HmamlError(f"packs not found: {', '.join(str(out) for out, _, _ in missing)} "
-                         "(--raw DIR packs them; README: The GPU check)")
+                         "(--raw DIR packs them; docs/benchmarks.md: The GPU check)")
     for out, dataset, source in missing:
         assert raw is not None
         log(f"packing {dataset} for {code.label} into {out}")

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from hmaml.config import configs_dir
-from hmaml.files import read_json
 from hmaml.sweep import read_sweep_json, submit
 from hmaml.train.rundir import RunDir
 
@@ -63,7 +62,7 @@ def common_window(histories: Sequence[list[dict[str, Any]]], episodes: int
 
 def trial_failure(rd: RunDir) -> dict[str, Any]:
     """How far an unfinished trial got, and why it stopped (its trial record)."""
-    progress, state = read_json(rd.progress) or {}, read_json(rd.trial) or {}
+    progress, state = rd.read_progress() or {}, rd.read_trial() or {}
     return {"status": state.get("state", "not started"), "error": state.get("error"),
             "epoch": progress.get("epoch")}
 
@@ -116,7 +115,7 @@ def paper_rows(name: str, extra: Sequence[str], packs: Path, gpu: int, workdir: 
     groups: dict[str, list[float]] = {}
     for record in read_sweep_json(sweep_dir)["trials"]:
         rd = RunDir(record["run_dir"])
-        test = read_json(rd.test)
+        test = rd.read_test()
         if test is None:
             trials[record["name"]] = trial_failure(rd)
             continue

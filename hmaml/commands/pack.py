@@ -19,7 +19,7 @@ from hmaml.errors import HmamlError, one_line_errors
 def _add_dataset_options(parser: argparse.ArgumentParser, spec: DatasetSpec) -> None:
     """The flags every dataset's sub-command shares, then the dataset's own (from its spec)."""
     if spec.needs_src:
-        parser.add_argument("--src", required=True, help="the raw data (see the README)")
+        parser.add_argument("--src", required=True, help="the raw data (see docs/data.md)")
     parser.add_argument("--out", required=True, help="pack folder, e.g. shards/<name>")
     parser.add_argument("--force", action="store_true", help="replace a different pack at --out")
     parser.add_argument("--workers", type=int, default=None,

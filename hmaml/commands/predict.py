@@ -13,7 +13,7 @@ images each, at least the run's K (n_shot); the run classifies exactly its N (n_
 ``--query`` takes image files and folders of images. Writes a CSV (file, predicted class, one
 probability column per class; ``--out``) and prints a table. ``--norm support`` normalises the
 queries with the support set's statistics, so each image is classified on its own; the default,
-``transductive``, normalises the queries together, as the run was tested (see the README).
+``transductive``, normalises the queries together, as the run was tested (see docs/tracking.md).
 """
 
 from __future__ import annotations

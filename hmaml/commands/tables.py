@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(tables.seeds_lines(groups)))
         print(f"wrote {out / 'seeds.json'} and {out / 'seeds.png'}")
     elif args.command == "norms":
-        rows = tables.update_norms(args.maml, args.hypermaml, episodes=args.episodes,
+        rows = tables.update_norm_rows(args.maml, args.hypermaml, episodes=args.episodes,
                                    repeats=args.repeats)
         print("\n".join(tables.norms_lines(rows)))
     else:

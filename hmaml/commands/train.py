@@ -17,7 +17,6 @@ from dataclasses import replace
 
 from hmaml.config import config_keys, load_config, shipped_configs, to_yaml
 from hmaml.errors import one_line_errors
-from hmaml.train.plan import dry_run, is_rank0, launch_from_env, launch_from_file
 from hmaml.train.rundir import Status
 
 
@@ -65,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         parser.error("--config is required (or --list-configs / --show-config NAME)")
     cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
+    if args.dry_run:  # the engine imports torch: not for --help or --list-configs
+        from hmaml.train.engine import dry_run, is_rank0, launch_from_env, launch_from_file
+
         launch = (launch_from_file(args.accelerate_config) if args.accelerate_config
                   else launch_from_env())
         launch = replace(launch, processes=args.processes or launch.processes,

@@ -60,7 +60,7 @@ def digest_input(item: SourceInput) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(sources: list[dict[str, str]], options: dict[str, Any]) -> str:
+def sources_fingerprint(sources: list[dict[str, str]], options: dict[str, Any]) -> str:
     """What identifies a pack: pack version + source content + options."""
     blob = json.dumps({"pack_version": PACK_VERSION, "sources": [s["sha256"] for s in sources],
                        "options": options}, sort_keys=True)
@@ -216,7 +216,7 @@ def pack_dataset(dataset: str, src: str | Path | None, out: str | Path, *, force
                              drop_small=drop_small, **options)
         sources = [{"path": item.name, "sha256": digest_input(item)} for item in source.inputs]
         pack_options = {"dataset": dataset, **source.options, "shard_bytes": shard_bytes}
-        fp = fingerprint(sources, pack_options)
+        fp = sources_fingerprint(sources, pack_options)
         existing = _check_target(out, fp, force)
         if existing is not None:
             print(f"{out}: already packed from the same sources and options; nothing to do")

@@ -11,21 +11,22 @@ from hmaml.methods.maml import MAML
 from hmaml.methods.protonet import ProtoNet
 from hmaml.models import Encoder
 
-METHODS = ("hypermaml", "maml", "protonet")
+#: ``method.name`` -> the class; each builds itself from its config section (``from_config``)
+#: and owns its rules (milestones, the form it is tested in).
+METHODS: dict[str, type[Method]] = {"hypermaml": HyperMAML, "maml": MAML, "protonet": ProtoNet}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of ``method.name``, or a one-line error naming the choices."""
+    if name not in METHODS:
+        raise HmamlError(f"method.name: unknown method {name!r}; choose one of "
+                         f"{', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def build_method(cfg: Any, encoder: Encoder, n_way: int) -> Method:
     """The method ``cfg.name`` with the hyperparameters of the ``method`` config section."""
-    if cfg.name == "protonet":
-        return ProtoNet(encoder, n_way)
-    if cfg.name == "maml":
-        return MAML(encoder, n_way, cfg.inner_steps, cfg.inner_lr, cfg.first_order, cfg.adapt)
-    if cfg.name == "hypermaml":
-        return HyperMAML(encoder, n_way, cfg.hn_depth, cfg.hn_width, cfg.enhance, cfg.switch,
-                         cfg.warmup_start, cfg.warmup_len, cfg.inner_steps, cfg.inner_lr,
-                         cfg.first_order)
-    raise HmamlError(f"method.name: unknown method {cfg.name!r}; choose one of "
-                     f"{', '.join(METHODS)}")
+    return method_class(cfg.name).from_config(cfg, encoder, n_way)
 
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "ProtoNet",
     "build_method",
     "maml_weight",
+    "method_class",
 ]

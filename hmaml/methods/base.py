@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +71,30 @@ class Method(nn.Module):
         self.n_way = n_way
         #: autocast dtype of the encoder (bf16/fp16), None for fp32: see hmaml.precision
         self.encoder_dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, encoder: Encoder, n_way: int) -> Method:
+        """The method with the hyperparameters of the ``method`` config section ``cfg``
+        (validated by :mod:`hmaml.config`)."""
+        return cls(encoder, n_way)
+
+    @classmethod
+    def milestones(cls, cfg: Any, done: int) -> dict[str, int]:
+        """MLflow milestone tags of the method's own schedule reached after ``done`` epochs
+        (HyperMAML: the end of its warm-up and of its switch); the loop adds the LR drops."""
+        return {}
+
+    @staticmethod
+    def tested_at(p: float) -> bool:
+        """Whether a method at MAML weight ``p`` adapts as it is tested (p = 0: the
+        hypernetwork alone). Validations in that form are preferred when the best epoch is
+        chosen, since the test is of that form."""
+        return p == 0.0
+
+    @property
+    def in_tested_form(self) -> bool:
+        """Whether the method adapts now as it is tested (see :meth:`tested_at`)."""
+        return self.tested_at(self.p)
 
     def set_epoch(self, epoch: int) -> None:
         """Hook for epoch-dependent behaviour (HyperMAML's warm-up switch)."""

@@ -16,10 +16,11 @@ When p = 0, adapting to a task computes no gradient at all; the method is always
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from hmaml.errors import HmamlError
 from hmaml.methods.base import LinearHead, Method, MethodOutput
 from hmaml.methods.functional import (
     at_least_fp32,
@@ -49,8 +50,6 @@ class HyperNetwork(nn.Module):
 
     def __init__(self, in_dim: int, width: int, depth: int, out_dim: int) -> None:
         super().__init__()
-        if depth < 1:
-            raise HmamlError(f"method.hn_depth: must be >= 1, got {depth}")
         dims = [in_dim] + [width] * (depth - 1) + [out_dim]
         layers: list[nn.Module] = []
         for i in range(depth):
@@ -71,9 +70,6 @@ class HyperMAML(Method):
                  warmup_len: int = 500, inner_steps: int = 1, inner_lr: float = 0.1,
                  first_order: bool = False) -> None:
         super().__init__(encoder, n_way)
-        if warmup_start < 0 or warmup_len < 0:
-            raise HmamlError(f"method.warmup_start/warmup_len: must be >= 0, got "
-                             f"{warmup_start}/{warmup_len}")
         feat = encoder.feat_dim
         self.head = LinearHead(feat, n_way)
         self.enhance = enhance
@@ -82,6 +78,20 @@ class HyperMAML(Method):
         self.switch, self.warmup_start, self.warmup_len = switch, warmup_start, warmup_len
         self.inner_steps, self.inner_lr, self.first_order = inner_steps, inner_lr, first_order
         self.p = 1.0 if switch and warmup_start + warmup_len > 0 else 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Any, encoder: Encoder, n_way: int) -> HyperMAML:
+        return cls(encoder, n_way, cfg.hn_depth, cfg.hn_width, cfg.enhance, cfg.switch,
+                   cfg.warmup_start, cfg.warmup_len, cfg.inner_steps, cfg.inner_lr,
+                   cfg.first_order)
+
+    @classmethod
+    def milestones(cls, cfg: Any, done: int) -> dict[str, int]:
+        if not cfg.switch:
+            return {}
+        ends = {"milestone.warmup_end": cfg.warmup_start,
+                "milestone.switch_end": cfg.warmup_start + cfg.warmup_len}
+        return {tag: done for tag, epoch in ends.items() if epoch == done}
 
     def set_epoch(self, epoch: int) -> None:
         self.p = maml_weight(epoch, self.warmup_start, self.warmup_len) if self.switch else 0.0

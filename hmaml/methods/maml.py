@@ -8,6 +8,8 @@ weights side by side in one encoder call (grouped convolutions, per-task BatchNo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,7 @@ from hmaml.methods.functional import (
 from hmaml.models import Encoder
 from hmaml.tasks import TaskBatch
 
+#: ``method.adapt``: the classifier only, or every weight.
 ADAPT_MODES = ("head", "all")
 
 
@@ -32,13 +35,15 @@ class MAML(Method):
     def __init__(self, encoder: Encoder, n_way: int, inner_steps: int = 1, inner_lr: float = 0.1,
                  first_order: bool = False, adapt: str = "head") -> None:
         super().__init__(encoder, n_way)
-        if adapt not in ADAPT_MODES:
+        if adapt not in ADAPT_MODES:  # not a range: another mode would run the head path silently
             raise HmamlError(f"method.adapt: {adapt!r} is not one of {', '.join(ADAPT_MODES)}")
-        if inner_steps < 0:
-            raise HmamlError(f"method.inner_steps: must be >= 0, got {inner_steps}")
         self.head = LinearHead(encoder.feat_dim, n_way)
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
         self.first_order, self.adapt = first_order, adapt
+
+    @classmethod
+    def from_config(cls, cfg: Any, encoder: Encoder, n_way: int) -> MAML:
+        return cls(encoder, n_way, cfg.inner_steps, cfg.inner_lr, cfg.first_order, cfg.adapt)
 
     @property
     def adapts_with_autograd(self) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,16 +18,24 @@ from typing import Any
 from hmaml.config import override_text
 from hmaml.errors import HmamlError, first_line
 from hmaml.files import read_json, write_json_atomic
+from hmaml.sweep.executors import (
+    LOCAL_SIGNAL_DELAY_S,
+    executor_parameters,
+    gpu_slots,
+    local_executor,
+    result_line,
+    slurm_executor,
+    sqlite_warning,
+)
 from hmaml.sweep.job import PackedTrials, TrialJob
 from hmaml.sweep.report import SWEEP_JSON, summarize
+from hmaml.sweep.search import run_search
 from hmaml.sweep.signals import still_running
 from hmaml.sweep.spec import CLUSTERS, ExecutorSpec, Sweep, Trial, load_sweep
 from hmaml.train.plan import make_plan
-from hmaml.train.rundir import RunDir, Status, TrainResult, wall_time
+from hmaml.train.rundir import RunDir, Status
 from hmaml.train.tracking import Tracker
 
-# submitit's LocalExecutor sends the timeout signal this long before its limit (not settable).
-LOCAL_SIGNAL_DELAY_S = 30
 _POLL_S = 0.5
 
 
@@ -86,40 +93,7 @@ def _check_plans(sweep: Sweep, cluster: str) -> None:
                              ) from None
 
 
-def _sqlite_warning(sweep: Sweep, cluster: str) -> str | None:
-    """The warning for SLURM jobs that all log to one SQLite file."""
-    if cluster != "slurm" or not sweep.tracking_enabled \
-            or not sweep.tracking_uri.startswith("sqlite:"):
-        return None
-    return (f"warning: tracking.uri={sweep.tracking_uri}: many SLURM jobs locking one SQLite "
-            "file on a shared filesystem lose metrics; run the tracking server of "
-            "docker/compose.yaml and set tracking.uri=http://<host>:5000")
-
-
 # --- submission -----------------------------------------------------------------------------
-
-
-def executor_parameters(spec: ExecutorSpec, cluster: str) -> dict[str, Any]:
-    """The ``update_parameters`` keywords of the cluster's submitit executor (``AutoExecutor``
-    for SLURM, ``LocalExecutor`` locally, which also takes each trial's ``visible_gpus``); a
-    packed SLURM job has one task per trial it holds."""
-    tasks = spec.trials_per_gpu if cluster == "slurm" and spec.packed else \
-        spec.processes_per_node()
-    if cluster == "slurm":
-        params: dict[str, Any] = {
-            "timeout_min": spec.timeout_min, "nodes": spec.nodes,
-            "gpus_per_node": spec.gpus_per_node, "tasks_per_node": tasks,
-            "cpus_per_task": spec.cpus_per_task, "mem_gb": spec.mem_gb,
-            "slurm_partition": spec.partition, "slurm_account": spec.account,
-            "slurm_qos": spec.qos, "slurm_array_parallelism": spec.array_parallelism,
-            "slurm_signal_delay_s": spec.signal_delay_s,
-            "slurm_setup": [f"export OMP_NUM_THREADS={spec.cpus_per_task}", *spec.setup],
-            "slurm_additional_parameters": dict(spec.additional_parameters) or None}
-        return {k: v for k, v in params.items() if v is not None}
-    if cluster == "local":
-        return {"timeout_min": spec.timeout_min, "gpus_per_node": spec.gpus_per_node,
-                "tasks_per_node": tasks, "setup": ["export OMP_NUM_THREADS=1"]}
-    return {}
 
 
 def describe(sweep: Sweep, cluster: str) -> str:
@@ -166,11 +140,9 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     if cluster not in CLUSTERS:
         raise HmamlError(f"cluster {cluster!r} is not one of {', '.join(CLUSTERS)}")
     if sweep.spec.search is not None:
-        from hmaml.sweep.search import run_search  # it builds on this module
-
         return run_search(sweep, cluster, echo, dry_run)
     _check_plans(sweep, cluster)
-    warning = _sqlite_warning(sweep, cluster)
+    warning = sqlite_warning(sweep, cluster)
     if warning:
         echo(warning)
     if dry_run:
@@ -193,7 +165,7 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
     todo, skipped = [], []
     for trial in sweep.trials:
         rd = RunDir(trial.cfg.run_dir)
-        if rd.test.is_file() or still_running(read_json(rd.trial),
+        if rd.test.is_file() or still_running(rd.read_trial(),
                                               slurm_jobs.get(trial.name)):
             skipped.append(trial.name)
         else:
@@ -255,36 +227,11 @@ def _run_debug(jobs: list[tuple[Trial, TrialJob]], echo: Callable[[str], None]
             echo(f"[{trial.name}] failed: {type(exc).__name__}: {first_line(exc)}")
             continue
         out[trial.name] = result.status.value
-        echo(f"[{trial.name}] {_result_line(result)}")
+        echo(f"[{trial.name}] {result_line(result)}")
         if result.status == Status.PREEMPTED:
             echo("stop requested: the remaining trials are left for the next submission")
             break
     return out
-
-
-def visible_gpu_count() -> int:
-    """The GPUs this process sees (CUDA_VISIBLE_DEVICES applied)."""
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def gpu_slots(spec: ExecutorSpec) -> list[tuple[int, ...]] | None:
-    """The GPU sets of the local trials that may run at once: each set of ``gpus_per_node``
-    GPUs appears ``trials_per_gpu`` times, round robin, so that trials spread over the GPUs
-    before they share one. None without GPUs (``max_local_parallel`` CPU processes)."""
-    if not spec.gpus_per_node:
-        return None
-    gpus = list(spec.visible_gpus) if spec.visible_gpus is not None else \
-        list(range(visible_gpu_count()))
-    if len(gpus) < spec.gpus_per_node:
-        raise HmamlError(f"executor.gpus_per_node={spec.gpus_per_node}, but this machine shows "
-                         f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''} (CUDA_VISIBLE_DEVICES="
-                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use "
-                         "gpus_per_node: 0 for CPU trials")
-    size = spec.gpus_per_node
-    groups = [tuple(gpus[i:i + size]) for i in range(0, len(gpus) - size + 1, size)]
-    return [group for _ in range(spec.trials_per_gpu) for group in groups]
 
 
 def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: Path,
@@ -316,7 +263,7 @@ def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: P
                     del running[name]
                     free.append(slot)
                     try:
-                        echo(f"[{name}] {_result_line(handle.result())}")
+                        echo(f"[{name}] {result_line(handle.result())}")
                     except Exception as exc:
                         echo(f"[{name}] failed ({first_line(exc)}); log: {handle.paths.stderr}")
     except BaseException:  # Ctrl-C, or a caller's time limit: no trial outlives the submitter
@@ -324,29 +271,6 @@ def _run_local(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: P
             handle.cancel(check=False)
         raise
     return out
-
-
-def local_executor(spec: ExecutorSpec, folder: Path) -> Any:
-    """submitit's local executor with the sweep's settings (job logs under ``folder``)."""
-    import submitit
-
-    executor = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=spec.max_num_timeout)
-    executor.update_parameters(**executor_parameters(spec, "local"))
-    return executor
-
-
-def slurm_executor(spec: ExecutorSpec, folder: Path) -> Any:
-    """submitit's SLURM executor with the sweep's settings (job logs under ``folder``)."""
-    import submitit
-
-    try:
-        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm",
-                                         slurm_max_num_timeout=spec.max_num_timeout)
-    except RuntimeError as exc:
-        raise HmamlError(f"cluster slurm: {first_line(exc)} (use --cluster local or debug)"
-                         ) from None
-    executor.update_parameters(**executor_parameters(spec, "slurm"))
-    return executor
 
 
 def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder: Path,
@@ -369,12 +293,3 @@ def _submit_slurm(jobs: list[tuple[Trial, TrialJob]], spec: ExecutorSpec, folder
     for name, job_id in out.items():
         echo(f"[{name}] queued as SLURM job {job_id}")
     return out
-
-
-def _result_line(result: TrainResult) -> str:
-    test = result.test
-    if result.status != Status.FINISHED or test is None:
-        return f"{result.status.value} at epoch {result.epoch}"
-    return (f"finished: test {test['test_acc']:.2f} ± {test['test_ci']:.2f} %, "
-            f"best val {test['best_val_acc']:.2f} %, {wall_time(test)}")
-

@@ -18,7 +18,6 @@ from typing import Any
 
 from hmaml.config import Config
 from hmaml.errors import first_line
-from hmaml.files import read_json, write_json_atomic
 from hmaml.sweep.signals import PreemptionGuard, job_environment, process_alive, restart_count
 from hmaml.train.rundir import RunDir, Status, TrainResult
 
@@ -30,7 +29,7 @@ def write_trial_state(rd: RunDir, state: str, error: str | None = None) -> None:
     submission can ask whether that job is still alive (:func:`~hmaml.sweep.signals.still_running`).
     """
     env = job_environment()
-    write_json_atomic(rd.trial, {
+    rd.write_trial({
         "state": state, "cluster": env.cluster if env is not None else None,
         "job_id": env.job_id if env is not None else None, "host": socket.gethostname(),
         "pid": os.getpid(), "restarts": restart_count(), "time": time.time(),
@@ -173,6 +172,6 @@ _WAIT_S = 1.0
 
 def trial_running(rd: RunDir) -> bool:
     """Whether the trial's record says a live process of this host is training it."""
-    record = read_json(rd.trial)
+    record = rd.read_trial()
     return bool(record) and record.get("state") == "running" and \
         record.get("host") == socket.gethostname() and process_alive(int(record.get("pid", 0)))

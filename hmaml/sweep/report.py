@@ -13,7 +13,6 @@ from typing import Any
 
 from hmaml.config import override_text
 from hmaml.errors import HmamlError, first_line
-from hmaml.files import read_json
 from hmaml.plots import plot_bars, plot_search
 from hmaml.sweep.spec import _name_value
 from hmaml.train.rundir import RunDir
@@ -44,17 +43,17 @@ def trial_state(run_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"state": "pending", "epoch": None, "epochs": None,
                            "best_val_acc": None, "test_acc": None, "test_ci": None,
                            "error": None}
-    progress = read_json(rd.progress)
+    progress = rd.read_progress()
     if progress:
         out.update(epoch=progress.get("epoch"), epochs=progress.get("epochs"),
                    best_val_acc=progress.get("best_val_acc"))
         if progress.get("status") in STATES:
             out["state"] = progress["status"]
-    marker = read_json(rd.trial)  # written by the job: running, preempted, failed, …
+    marker = rd.read_trial()  # written by the job: running, preempted, failed, …
     if marker and marker.get("state") in STATES:
         out["state"] = marker["state"]
         out["error"] = marker.get("error")
-    test = read_json(rd.test)
+    test = rd.read_test()
     if test:
         out.update(state="finished", test_acc=test.get("test_acc"), test_ci=test.get("test_ci"),
                    best_val_acc=test.get("best_val_acc", out["best_val_acc"]))
@@ -63,7 +62,7 @@ def trial_state(run_dir: str | Path) -> dict[str, Any]:
 
 def _test_of(record: dict[str, Any]) -> dict[str, Any] | None:
     rd = RunDir(record["run_dir"])
-    return read_json(rd.test)
+    return rd.read_test()
 
 
 

@@ -23,14 +23,14 @@ from typing import Any
 
 from hmaml.errors import HmamlError, first_line
 from hmaml.files import read_json, write_json_atomic
-from hmaml.sweep.execute import (
+from hmaml.sweep.executors import (
     LOCAL_SIGNAL_DELAY_S,
-    _result_line,
-    _sqlite_warning,
     executor_parameters,
     gpu_slots,
     local_executor,
+    result_line,
     slurm_executor,
+    sqlite_warning,
 )
 from hmaml.sweep.job import TrialJob
 from hmaml.sweep.report import SWEEP_JSON, param_text, summarize, trial_state
@@ -146,7 +146,7 @@ def run_search(sweep: Sweep, cluster: str, echo: Callable[[str], None] = print,
     storage = storage_url(sweep)
     first = search_trial(sweep, 0, {k: next(iter(d.values()))[0] for k, d in search.space.items()})
     _check_plan(sweep, first, cluster)
-    for warning in (_sqlite_warning(sweep, cluster), _storage_warning(sweep, storage, cluster)):
+    for warning in (sqlite_warning(sweep, cluster), _storage_warning(sweep, storage, cluster)):
         if warning:
             echo(warning)
     if dry_run:
@@ -211,7 +211,7 @@ class _Driver:
 
         state = trial_state(trial.cfg.run_dir)
         if state["state"] == "finished":
-            test = read_json(RunDir(trial.cfg.run_dir).test) or {}
+            test = RunDir(trial.cfg.run_dir).read_test() or {}
             value = test.get(self.search.metric)
             if value is None:
                 self.study.tell(number, state=TrialState.FAIL)
@@ -235,7 +235,7 @@ class _Driver:
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial = search_trial(self.sweep, frozen.number, frozen.params)
             rd = RunDir(trial.cfg.run_dir)
-            if still_running(read_json(rd.trial), slurm_jobs.get(trial.name)):
+            if still_running(rd.read_trial(), slurm_jobs.get(trial.name)):
                 self.watched[frozen.number] = trial
                 self.skipped.append(trial.name)
                 self.echo(f"[{trial.name}] still running from an earlier submission: waiting")
@@ -298,7 +298,7 @@ class _Driver:
             self.stopped = True
             return "preempted: the next submission resumes it"
         if state == "finished" and result is not None:
-            return _result_line(result)
+            return result_line(result)
         if state == "pruned":
             reported = self.study.get_trials(deepcopy=False)[number].intermediate_values
             if reported:
@@ -321,7 +321,7 @@ class _Driver:
         slurm_jobs = _slurm_jobs(self.info)
         for number, trial in list(self.watched.items()):
             rd = RunDir(trial.cfg.run_dir)
-            if not still_running(read_json(rd.trial), slurm_jobs.get(trial.name)):
+            if not still_running(rd.read_trial(), slurm_jobs.get(trial.name)):
                 del self.watched[number]
                 self.echo(f"[{trial.name}] {self._tell(number, trial)}")
 

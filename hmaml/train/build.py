@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from hmaml.config import Config
-from hmaml.data.episodes import EvalLoader, eval_loader
+from hmaml.data.eval_lists import EvalLoader, eval_loader
 from hmaml.data.format import MANIFEST_NAME, ImageSpec, Manifest
 from hmaml.data.store import PackStore, RemotePolicy
 from hmaml.errors import HmamlError
 from hmaml.methods import Method, build_method
-from hmaml.models import ENCODERS, build_encoder, load_encoder
+from hmaml.models import ENCODERS, Encoder, build_encoder, load_encoder
 from hmaml.precision import Precision
 
 
@@ -56,18 +56,24 @@ def open_packs(cfg: Config, *, train: bool = True) -> Packs:
     return Packs(train_pack, eval_pack, train_manifest, eval_manifest)
 
 
-def build_model(cfg: Config, image: ImageSpec, precision: Precision,
-                device: torch.device) -> Method:
-    """The config's method and encoder for the training pack's ``image`` spec, initialised from
-    ``cfg.seed`` (the encoder from ``model.init_from`` when set), its encoder running in
-    ``precision``, its queries normalised per ``eval.query_norm``, compiled for ``device`` with
-    ``train.compile``."""
+def build_run_encoder(cfg: Config, image: ImageSpec) -> Encoder:
+    """The config's encoder for the training pack's ``image`` spec, initialised from
+    ``cfg.seed`` by ``model.init``, or loaded from ``model.init_from`` when set (training and
+    pre-training start alike)."""
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.model.encoder, image.channels, image.size, cfg.model.init)
     if cfg.model.init_from:
         load_encoder(encoder, cfg.model.init_from, cfg.model.encoder, image.channels,
                      image.size)
-    method = build_method(cfg.method, encoder, cfg.data.n_way)
+    return encoder
+
+
+def build_model(cfg: Config, image: ImageSpec, precision: Precision,
+                device: torch.device) -> Method:
+    """The config's method on :func:`build_run_encoder`'s encoder, its encoder running in
+    ``precision``, its queries normalised per ``eval.query_norm``, compiled for ``device`` with
+    ``train.compile``."""
+    method = build_method(cfg.method, build_run_encoder(cfg, image), cfg.data.n_way)
     method.encoder_dtype = precision.dtype
     method.query_norm = cfg.eval.query_norm
     if cfg.train.compile:
@@ -110,5 +116,5 @@ def episodes_of(cfg: Config, packs: Packs, split: str, episodes: int, n_query: i
                        image_size=packs.image.size, repeat=repeat)
 
 
-__all__ = ["Packs", "build_model", "compile_method", "episodes_of", "eval_tasks_per_batch",
-           "open_packs"]
+__all__ = ["Packs", "build_model", "build_run_encoder", "compile_method", "episodes_of",
+           "eval_tasks_per_batch", "open_packs"]

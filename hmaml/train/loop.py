@@ -6,7 +6,8 @@ at most ``train.grad_accum`` micro-batches, each one vectorised forward pass, ev
 so that k processes and one process make the same update on the same tasks. An epoch is
 ``train.episodes_per_epoch`` tasks; the last step of an epoch takes the remainder rather than
 dropping it. The engine is DDP, or DeepSpeed ZeRO-1/2 when ``accelerate launch`` was given a
-DeepSpeed config; DeepSpeed checkpoints every rank's optimizer partition through Accelerate.
+DeepSpeed config (:mod:`hmaml.train.engine`); DeepSpeed checkpoints every rank's optimizer
+partition through Accelerate.
 
 Checkpoints are written atomically at the end of every epoch (and at a step boundary when a stop
 is requested, e.g. SIGTERM from SLURM): re-running the same config on the same ``run_dir``
@@ -16,7 +17,6 @@ rank, worker and epoch; a stop mid-epoch replays the epoch's batches up to the s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -31,16 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from hmaml.allocator import keep_freed_memory
 from hmaml.config import Config, fingerprint, to_yaml
-from hmaml.data.episodes import train_loader
+from hmaml.data.stream import train_loader
 from hmaml.errors import HmamlError
-from hmaml.evaluate import evaluate
-from hmaml.files import read_json, write_json_atomic
 from hmaml.log import LOGGER, show_bars
-from hmaml.methods import Method
+from hmaml.methods import Method, method_class
 from hmaml.models import fused
 from hmaml.plots import plot_learning_curve
 from hmaml.precision import resolve_precision
@@ -53,14 +52,15 @@ from hmaml.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from hmaml.train.plan import (
-    Plan,
-    check_engine,
-    deepspeed_requested,
+from hmaml.train.engine import (
+    agree,
+    configure_deepspeed,
+    engine_name,
     is_rank0,
-    make_plan,
-    pick_device,
+    make_accelerator,
 )
+from hmaml.train.evaluate import evaluate
+from hmaml.train.plan import make_plan
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult, wall_time
 from hmaml.train.tracking import make_tracker, ui_line
@@ -70,71 +70,10 @@ class NonFiniteError(HmamlError):
     """Training produced a NaN or inf; the last checkpoint written stays the last finite one."""
 
 
-def make_accelerator(cfg: Config):
-    """The Accelerator for this process, checked against what the launcher intended.
-
-    On CPU, Accelerate needs ``cpu=True`` for DDP ranks to form a (gloo) process group; without
-    it every rank silently trains alone. But ``cpu=True`` silently turns DeepSpeed into DDP, so
-    DeepSpeed on CPU gets ``cpu=False`` with gloo named explicitly. The checks against
-    ``WORLD_SIZE`` and the engine asked for make every such fallback loud.
-    """
-    from accelerate import Accelerator, DistributedType
-    from accelerate.utils import InitProcessGroupKwargs
-
-    device = pick_device(cfg.train.device)
-    on_cpu = device == "cpu"
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = deepspeed_requested()
-    if deepspeed:
-        check_engine("DeepSpeed", cfg.train.mixed_precision, on_cpu)
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
-    # bf16 is autocast inside the method, around the encoder only (hmaml.precision);
-    # Accelerate's own mixed precision is needed for fp16 alone, for its loss scaler
-    fp16 = cfg.train.mixed_precision == "fp16"
-    accelerator = Accelerator(cpu=on_cpu and not deepspeed,
-                              mixed_precision="fp16" if fp16 else "no", kwargs_handlers=handlers)
-    if accelerator.num_processes != expected:
-        raise HmamlError(f"launched as {expected} processes (WORLD_SIZE) but Accelerate formed "
-                         f"a group of {accelerator.num_processes}: on CPU use "
-                         "configs/accelerate/cpu2.yaml or torchrun")
-    if accelerator.device.type != device:
-        raise HmamlError(f"train.device={cfg.train.device} means {device}, but Accelerate "
-                         f"chose {accelerator.device}")
-    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise HmamlError(f"DeepSpeed was asked for but Accelerate set up "
-                         f"{accelerator.distributed_type}; is the deepspeed extra installed?")
-    return accelerator
-
-
-def engine_name(accelerator) -> str:
-    """'single', 'DDP' or 'DeepSpeed ZeRO-<stage>' for the header, the plan and MLflow."""
-    from accelerate import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    return "DDP" if accelerator.num_processes > 1 else "single"
-
-
-def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float | None) -> None:
-    """Fill the DeepSpeed config from hmaml's own keys, before ``prepare``.
-
-    hmaml runs its micro-batches itself and marks the last one as the accumulation boundary,
-    so DeepSpeed accumulates nothing of its own (one hmaml step is one DeepSpeed step);
-    clipping comes from ``train.max_grad_norm`` alone (0 disables it in DeepSpeed), never from
-    Accelerate's default of 1.0; the micro-batch size is the largest one of the plan.
-    """
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    micro = max(len(mb.tasks) for mb in plan.rank_steps(0)[0])
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = micro * plan.processes
-    ds["gradient_clipping"] = float(max_grad_norm or 0.0)
-    accelerator.gradient_accumulation_steps = 1
-
-
-def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[TaskBatch], weights: list[float],
-                   max_grad_norm: float | None = None) -> tuple[dict[str, float], str | None]:
+def optimizer_step(accelerator: Accelerator, model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, micro_batches: list[TaskBatch],
+                   weights: list[float], max_grad_norm: float | None = None
+                   ) -> tuple[dict[str, float], str | None]:
     """One meta-update from this rank's micro-batches: this rank's loss and acc sums, and what
     went non-finite (``"loss"``, ``"gradient norm"``) if anything did, in which case nothing
     was stepped.
@@ -145,8 +84,6 @@ def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.O
     agree on a non-finite step; DeepSpeed steps inside the last backward, so there the ranks
     agree on the losses before it. Under fp16 the loss scaler owns gradient overflow.
     """
-    from accelerate import DistributedType
-
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     sums = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0}
     finite = True
@@ -182,14 +119,6 @@ def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.O
     return sums, None
 
 
-def agree(accelerator, flag: bool) -> bool:
-    """Whether ``flag`` holds on every rank (one tiny all-reduce)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() == 0)
-
-
 class StopFlag:
     """Set by SIGTERM (SLURM preemption) or a caller's predicate; checked at step boundaries."""
 
@@ -217,15 +146,14 @@ class StopFlag:
 class Trainer:
     """Holds the state of one training run; :func:`train` is the entry point."""
 
-    def __init__(self, cfg: Config, accelerator, stop: StopFlag) -> None:
-        self.cfg, self.acc, self.stop = cfg, accelerator, stop
+    def __init__(self, cfg: Config, rd: RunDir, accelerator: Accelerator, stop: StopFlag) -> None:
+        self.cfg, self.rd, self.accelerator, self.stop = cfg, rd, accelerator, stop
         self.on_validation: Callable[[int, float], bool] | None = None  # a search's pruner
         self.started = time.perf_counter()
         # seconds the run spent in earlier processes (None: a checkpoint that did not record
         # them) and how many processes it took, so a resumed run reports its whole time
         self.earlier_s: float | None = 0.0
         self.processes = 1
-        self.rd = RunDir(cfg.run_dir)
         self.main = accelerator.is_main_process
         data, train = cfg.data, cfg.train
         self.world = accelerator.num_processes
@@ -316,7 +244,7 @@ class Trainer:
         """The contents of ``checkpoint.pt`` (``full``: optimizer, schedule, random state and
         stream position to resume from) or of ``best.pt`` (weights and what selected them)."""
         state: dict[str, Any] = {
-            "model": self.acc.unwrap_model(self.model).state_dict(),
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
             "optimizer": {}, "scheduler": {}, "rng": {},
             "stream": {"epoch": epoch, "step": step}, "epoch": epoch,
             "best_val_acc": self.best_val, "best_epoch": self.best_epoch, "best_p": self.best_p,
@@ -353,18 +281,18 @@ class Trainer:
         zero = None
         if self.deepspeed:
             zero = self.rd.zero_state(epoch, step)
-            self.acc.save_state(str(zero))
-        self.acc.wait_for_everyone()
+            self.accelerator.save_state(str(zero))
+        self.accelerator.wait_for_everyone()
         if self.main:
             save_checkpoint(self.rd.checkpoint, self._state(
                 epoch, step, full=True, zero=zero.name if zero else None))
             for old in self.rd.zero_states():
                 if zero is None or old != zero:
                     shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
 
     def _save_best(self, epoch: int) -> None:
-        self.acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         if self.main:
             save_checkpoint(self.rd.best, self._state(epoch + 1, 0, full=False))
 
@@ -373,12 +301,12 @@ class Trainer:
         every rank stops at the same epoch)."""
         if self.on_validation is None:
             return False
-        return not agree(self.acc, not (self.main and self.on_validation(epoch, val_acc)))
+        return not agree(self.accelerator, not (self.main and self.on_validation(epoch, val_acc)))
 
     def stop_agreed(self) -> bool:
         """Whether any rank was asked to stop: all ranks must stop at the same step, or the
         others would wait forever in the next all-reduce (SLURM signals may reach one rank)."""
-        return not agree(self.acc, not self.stop())
+        return not agree(self.accelerator, not self.stop())
 
     def progress(self, status: Status, error: str | None = None) -> None:
         if self.main:
@@ -388,7 +316,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run_epoch(self, epoch: int, start_step: int) -> dict[str, float] | None:
         """Train one epoch from ``start_step``; None when a stop was requested."""
-        method = self.acc.unwrap_model(self.model)
+        method = self.accelerator.unwrap_model(self.model)
         method.set_epoch(epoch)
         self.train_data.dataset.set_epoch(epoch)
         totals = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0,
@@ -402,10 +330,10 @@ class Trainer:
             micro = [next(batches) for _ in micro_plan]
             if step < start_step:  # replaying a stopped epoch: the stream is deterministic
                 continue
-            micro = [b.to(self.acc.device, non_blocking=True) for b in micro]
+            micro = [b.to(self.accelerator.device, non_blocking=True) for b in micro]
             weight = self.plan.weight(step)
             metrics, nonfinite = optimizer_step(
-                self.acc, self.model, self.optimizer, micro,
+                self.accelerator, self.model, self.optimizer, micro,
                 [0.0 if mb.padding else weight for mb in micro_plan],
                 self.cfg.train.max_grad_norm)
             if nonfinite is not None:
@@ -424,8 +352,8 @@ class Trainer:
                 self._save(epoch, step + 1)
                 return None
         bar.close()
-        reduced = self.acc.reduce(torch.tensor(list(totals.values()), dtype=torch.float64,
-                                               device=self.acc.device), reduction="sum")
+        reduced = self.accelerator.reduce(torch.tensor(list(totals.values()), dtype=torch.float64,
+                                               device=self.accelerator.device), reduction="sum")
         totals = dict(zip(totals, reduced.tolist(), strict=True))
         skipped = totals.pop("skipped_steps") / self.world  # every rank counted each one
         n = max(totals.pop("tasks"), 1.0)
@@ -468,14 +396,15 @@ class Trainer:
             metrics.update(lr=lr, epoch_s=time.perf_counter() - began, time=time.time())
             pruned = False
             if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
-                val = evaluate(self.model, self.val_data, self.acc)
+                val = evaluate(self.model, self.val_data, self.accelerator)
                 pruned = self.pruned(epoch + 1, val.mean)
                 metrics["val_acc"] = val.mean
                 metrics["val_ci95"] = val.ci95
                 p = metrics["p"]
-                # once epochs with p = 0 exist, only they can be the best: the test is of the
-                # hypernetwork alone, so it is selected as such
-                if (p == 0.0, val.mean) > (self.best_p == 0.0, self.best_val):
+                # once epochs in the tested form exist (HyperMAML: p = 0), only they can be
+                # the best: the test is of that form, so it is selected as such
+                tested = self.method.tested_at
+                if (tested(p), val.mean) > (tested(self.best_p), self.best_val):
                     self.best_val, self.best_epoch, self.best_p = val.mean, epoch, p
                     self._save_best(epoch)
                     self.tracker.set_tags({"milestone.best_epoch": epoch + 1})
@@ -495,8 +424,7 @@ class Trainer:
         row = {"epoch": epoch + 1, **metrics}
         self.history.append(row)
         if self.main:
-            with open(self.rd.history, "w") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in self.history)
+            self.rd.write_history(self.history)
             # MLflow stamps every metric with its own time
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "time"},
                                      step=epoch + 1)
@@ -508,22 +436,17 @@ class Trainer:
 
     def test(self) -> TestReport:
         """Test the best checkpoint (validated, hence what is reported) by the test protocol."""
-        method = self.acc.unwrap_model(self.model)
-        reached_p0 = bool(self.history) and self.history[-1]["p"] == 0.0
-        return test_best(self.model, method, self.cfg, self.packs, self.acc, self.rd.best,
+        method = self.accelerator.unwrap_model(self.model)
+        reached_p0 = bool(self.history) and method.tested_at(self.history[-1]["p"])
+        return test_best(self.model, method, self.cfg, self.packs, self.accelerator, self.rd.best,
                          reached_p0)
 
 
 def milestones(cfg: Config, epoch: int) -> dict[str, int]:
-    """Milestone tags reached at the end of ``epoch`` (0-based): warm-up/switch end, LR drops."""
+    """Milestone tags reached at the end of ``epoch`` (0-based): the method's own (HyperMAML:
+    warm-up and switch ends) and the LR drops."""
     done = epoch + 1
-    tags: dict[str, int] = {}
-    method = cfg.method
-    if cfg.method.name == "hypermaml" and method.switch:
-        if done == method.warmup_start:
-            tags["milestone.warmup_end"] = done
-        if done == method.warmup_start + method.warmup_len:
-            tags["milestone.switch_end"] = done
+    tags = method_class(cfg.method.name).milestones(cfg.method, done)
     for i, milestone in enumerate(cfg.train.lr_milestones):
         if done == milestone:
             tags[f"milestone.lr_drop_{i + 1}"] = done
@@ -531,15 +454,15 @@ def milestones(cfg: Config, epoch: int) -> dict[str, int]:
 
 
 def _header(trainer: Trainer, changes: list[str]) -> str:
-    cfg, acc = trainer.cfg, trainer.acc
+    cfg, accelerator = trainer.cfg, trainer.accelerator
     tm, em = trainer.packs.train_manifest, trainer.packs.eval_manifest
     lines = [
         f"hmaml · {cfg.name}: {cfg.method.name} + {cfg.model.encoder}, {cfg.data.n_way}-way "
         f"{cfg.data.n_shot}-shot",
-        f"  processes {acc.num_processes} on {acc.device} ({trainer.plan.engine}), "
+        f"  processes {accelerator.num_processes} on {accelerator.device} ({trainer.plan.engine}), "
         f"encoder precision {trainer.precision}, host {socket.gethostname()}",
         f"  {keep_freed_memory()}" + (f"; encoder blocks: {fused.status()}"
-                                      if acc.device.type == "cpu" else ""),
+                                      if accelerator.device.type == "cpu" else ""),
         f"  data: {tm.dataset} {cfg.data.train_split} {tm.split_classes(cfg.data.train_split)} "
         f"classes -> {em.dataset} {cfg.data.val_split} {em.split_classes(cfg.data.val_split)} / "
         f"{cfg.data.test_split} {em.split_classes(cfg.data.test_split)} classes",
@@ -574,7 +497,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None,
     """
     rd = RunDir(cfg.run_dir)
     changes = rd.check_config(cfg)
-    stored = read_json(rd.test)
+    stored = rd.read_test()
     if stored is not None and stored.get("epoch", 0) >= cfg.train.epochs:
         if is_rank0():
             print("\n".join([f"{rd.path} is finished (re-running does not train it again):",
@@ -597,7 +520,7 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_config(cfg)
     with StopFlag(stop_requested) as stop:
-        trainer = Trainer(cfg, accelerator, stop)
+        trainer = Trainer(cfg, rd, accelerator, stop)
         trainer.on_validation = on_validation  # every rank agrees on what rank 0 is told
         if accelerator.is_main_process:
             LOGGER.info(_header(trainer, changes))
@@ -644,8 +567,6 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
 def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> None:
     """Write the test files and plot, log them, print the closing summary."""
     rd, tracker = trainer.rd, trainer.tracker
-    write_json_atomic(rd.test_accuracies, {"repeats": [
-        [round(float(a), 6) for a in r.accuracies] for r in report.repeats]})
     curve = plot_learning_curve(trainer.history, rd.learning_curve) if trainer.history else None
     tracker.log_metrics({"test_acc": report.mean, "test_std": report.std,
                          "test_ci95": report.ci95, "tested_p": report.tested_p,
@@ -655,14 +576,18 @@ def _finish(trainer: Trainer, report: TestReport, summary: dict[str, Any]) -> No
                         step=trainer.epoch)
     tracker.set_tags({"test.tested_p": report.tested_p, "test.repeats": len(report.repeats),
                       "test.reached_p0": report.reached_p0})
-    write_json_atomic(rd.test, summary)
+    rd.write_test(summary, [[round(float(a), 6) for a in r.accuracies]
+                            for r in report.repeats])
     for path in (rd.config, rd.test, rd.test_accuracies, rd.history):
         tracker.log_artifact(path)
     if curve is not None:
         tracker.log_artifact(curve)
     if trainer.cfg.tracking.log_checkpoint and rd.best.is_file():
         tracker.log_artifact(rd.best, "checkpoints")
-    model = (tracker.log_model(rd.path, trainer.cfg.tracking.register)
+    # imports mlflow: only once a tracked run logs its model
+    from hmaml.mlflow_model import log_run_model
+
+    model = (log_run_model(tracker, rd.path, trainer.cfg.tracking.register)
              if trainer.cfg.tracking.log_model else None)
     tracker.end("FINISHED")
     trainer.progress(Status.FINISHED)
@@ -680,4 +605,4 @@ def mlflow_lines(tracker: Any) -> list[str]:
     return [f"  {ui_line(tracker.uri, link)}"] if link else []
 
 
-__all__ = ["NonFiniteError", "Trainer", "make_accelerator", "optimizer_step", "train"]
+__all__ = ["NonFiniteError", "Trainer", "optimizer_step", "train"]

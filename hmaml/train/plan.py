@@ -12,19 +12,16 @@ Every rank runs the same number of micro-batches per step (collective operations
 A rank with fewer tasks than that runs *padding* micro-batches: one real task of the step
 evaluated with weight 0, so that it still joins the gradient all-reduce. The plan is a pure
 function of the config and the world size, so the data stream, the training loop, ``--dry-run``
-and the sweep's pre-submission check all read the same one.
+and the sweep's pre-submission check all read the same one. Which launch and engine a process
+belongs to is :mod:`hmaml.train.engine`'s.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from hmaml.config import Config, parse_yaml, to_yaml
-from hmaml.data.format import MANIFEST_NAME
-from hmaml.data.store import is_remote
+from hmaml.config import Config
 from hmaml.errors import HmamlError
 
 MAX_PROCESSES = 4096
@@ -139,110 +136,4 @@ def make_plan(cfg: Config, processes: int, *, nodes: int = 1, engine: str = "DDP
                 precision=precision or t.mixed_precision)
 
 
-@dataclass(frozen=True)
-class Launch:
-    """What a launcher will start: processes, nodes, engine and device kind."""
-
-    processes: int
-    nodes: int
-    engine: str  # "DDP" or "DeepSpeed ZeRO-<stage>"
-    on_cpu: bool
-
-
-_ENGINES = {"NO": "DDP", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP"}
-
-
-def is_rank0() -> bool:
-    """Rank 0 of the launch, known before any process group exists (torchrun, srun)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def deepspeed_requested() -> bool:
-    """Whether ``accelerate launch`` was given a DeepSpeed config (it says so in the env)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def pick_device(name: str) -> str:
-    """``train.device``: ``auto`` is CUDA where torch sees a GPU, else Apple's MPS, else the
-    CPU; a device asked for by name must be there (no silent fallback to the CPU)."""
-    import torch
-
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                 "cpu": True}
-    if name == "auto":
-        return next(device for device in ("cuda", "mps", "cpu") if available[device])
-    if not available.get(name, False):
-        raise HmamlError(f"train.device={name}: torch sees no {name.upper()} device here "
-                         f"(torch {torch.__version__}); use train.device=auto or cpu")
-    return name
-
-
-def check_engine(engine: str, precision: str, on_cpu: bool) -> None:
-    """Refuse an engine/precision/device combination that cannot work, in one line."""
-    if engine.startswith("DeepSpeed") and on_cpu and precision == "fp16":
-        raise HmamlError("train.mixed_precision=fp16 under DeepSpeed on CPU is not supported "
-                         "by DeepSpeed (dtype mismatch); use train.mixed_precision=auto or "
-                         "bf16 (autocast inside the model), or plain DDP")
-
-
-def launch_from_file(path: str | Path) -> Launch:
-    """The launch an Accelerate config file describes (``accelerate launch --config_file``)."""
-    path = Path(path)
-    try:
-        raw = parse_yaml(path.read_text(), str(path), kind="an accelerate config")
-    except OSError as exc:
-        raise HmamlError(f"{path}: cannot read ({exc.strerror})") from None
-    kind = str(raw.get("distributed_type", "NO"))
-    if kind == "DEEPSPEED":
-        stage = (raw.get("deepspeed_config") or {}).get("zero_stage")
-        if stage not in (1, 2):
-            raise HmamlError(f"{path}: deepspeed_config.zero_stage={stage!r}: hmaml supports "
-                             "ZeRO stages 1 and 2")
-        engine = f"DeepSpeed ZeRO-{stage}"
-    elif kind in _ENGINES:
-        engine = _ENGINES[kind]
-    else:
-        raise HmamlError(f"{path}: distributed_type={kind!r} is not one of "
-                         f"{', '.join([*_ENGINES, 'DEEPSPEED'])}")
-    try:
-        processes = int(raw.get("num_processes", 1))
-        nodes = int(raw.get("num_machines", 1))
-    except (TypeError, ValueError):
-        raise HmamlError(f"{path}: num_processes and num_machines must be integers") from None
-    return Launch(processes, nodes, engine, bool(raw.get("use_cpu", False)))
-
-
-def launch_from_env() -> Launch:
-    """The launch this process belongs to, from what torchrun / accelerate launch export."""
-    import torch
-
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
-    engine = "DDP"
-    if deepspeed_requested():
-        engine = f"DeepSpeed ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
-    return Launch(processes, max(processes // max(local, 1), 1), engine,
-                  not torch.cuda.is_available())
-
-
-def dry_run(cfg: Config, launch: Launch) -> str:
-    """The resolved config, the distributed plan and the state of the packs, as text: what a
-    person checks before queueing a job. Raises the error the launch itself would raise."""
-    check_engine(launch.engine, cfg.train.mixed_precision, launch.on_cpu)
-    plan = make_plan(cfg, launch.processes, nodes=launch.nodes, engine=launch.engine)
-    device = "CPU" if launch.on_cpu else "GPU"
-    packs = []
-    for key, pack in (("data.train_pack", cfg.data.train_pack),
-                      ("data.eval_pack", cfg.data.eval_pack or cfg.data.train_pack)):
-        state = "remote: read when the run starts" if is_remote(pack) else \
-            "ok" if (Path(pack) / MANIFEST_NAME).is_file() else \
-            "missing; pack it with launch/pack.py, see the README's Datasets section"
-        packs.append(f"  {key}: {pack} ({state})")
-    return "\n".join([
-        f"# config {cfg.name} (resolved)", to_yaml(cfg).rstrip(), "",
-        f"# plan on {device}", *(f"  {line}" for line in plan.lines()), "", "# data", *packs,
-        "", "dry run: nothing was trained"])
-
-
-__all__ = ["Launch", "MicroBatch", "Plan", "check_engine", "deepspeed_requested", "dry_run",
-           "even_split", "is_rank0", "launch_from_env", "launch_from_file", "make_plan"]
+__all__ = ["MicroBatch", "Plan", "even_split", "make_plan"]

@@ -10,7 +10,6 @@ the run folder, which ``model.init_from`` loads. Data-parallel over Accelerate's
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,22 +24,22 @@ from tqdm.auto import tqdm
 
 from hmaml.allocator import keep_freed_memory
 from hmaml.config import Config
-from hmaml.data.episodes import derive_seed, load_split
 from hmaml.data.format import ImageSpec
+from hmaml.data.split import derive_seed, load_split
 from hmaml.data.store import PackStore
 from hmaml.data.transforms import build_transform
 from hmaml.errors import HmamlError
-from hmaml.evaluate import evaluate
 from hmaml.log import LOGGER, show_bars
 from hmaml.methods.protonet import ProtoNet
-from hmaml.models import build_encoder, load_encoder, save_encoder
+from hmaml.models import save_encoder
 from hmaml.precision import resolve_precision
-from hmaml.train.build import episodes_of, open_packs
-from hmaml.train.loop import make_accelerator
+from hmaml.train.build import build_run_encoder, episodes_of, open_packs
+from hmaml.train.engine import make_accelerator
+from hmaml.train.evaluate import evaluate
 from hmaml.train.rundir import RunDir
 from hmaml.train.tracking import make_tracker
 
-_PRETRAIN_AUGMENT = 5  # seed-sequence tag of the augmentation stream (see hmaml.data.episodes)
+_PRETRAIN_AUGMENT = 5  # seed-sequence tag of the augmentation stream (see hmaml.data.split)
 
 
 class ClassImages(Dataset):
@@ -60,7 +59,7 @@ class ClassImages(Dataset):
         return torch.from_numpy(self.classes[c][i]), int(c)
 
 
-class Classifier(nn.Module):
+class BaseClassifier(nn.Module):
     """The encoder and a linear layer over all base classes; the encoder runs as one task (its
     BatchNorm normalises with the mini-batch's statistics, as in every encoder call)."""
 
@@ -94,24 +93,20 @@ def pretrain(cfg: Config) -> PretrainResult:
     start = time.perf_counter()
     rd = RunDir(cfg.run_dir)
     rd.check_config(cfg)
-    acc = make_accelerator(cfg)
-    main = acc.is_main_process
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
     packs = open_packs(cfg)
     data = ClassImages(packs.train, cfg.data.train_split)
     image: ImageSpec = data.info.image
     batch = cfg.pretrain.batch_size
-    if len(data) < batch * acc.num_processes:
+    if len(data) < batch * accelerator.num_processes:
         raise HmamlError(f"pretrain.batch_size={batch}: the split {cfg.data.train_split!r} has "
-                         f"only {len(data)} images for {acc.num_processes} process(es)")
-    precision = resolve_precision(cfg.train.mixed_precision, acc.device,
+                         f"only {len(data)} images for {accelerator.num_processes} process(es)")
+    precision = resolve_precision(cfg.train.mixed_precision, accelerator.device,
                                   compiled=cfg.train.compile)
-    torch.manual_seed(cfg.seed)
-    encoder = build_encoder(cfg.model.encoder, image.channels, image.size, cfg.model.init)
-    if cfg.model.init_from:
-        load_encoder(encoder, cfg.model.init_from, cfg.model.encoder, image.channels, image.size)
-    proto = ProtoNet(encoder, cfg.data.n_way)
+    proto = ProtoNet(build_run_encoder(cfg, image), cfg.data.n_way)
     proto.encoder_dtype = precision.dtype
-    model = Classifier(proto, len(data.info.names))
+    model = BaseClassifier(proto, len(data.info.names))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr,
                                 momentum=cfg.pretrain.momentum, nesterov=cfg.pretrain.momentum > 0,
                                 weight_decay=cfg.train.weight_decay)
@@ -120,21 +115,21 @@ def pretrain(cfg: Config) -> PretrainResult:
     loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                         num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
     # batches stay on the CPU for the augmentation (its generators are CPU generators)
-    loader = acc.prepare_data_loader(loader, device_placement=False)
-    unwrapped: Classifier = getattr(model, "module", model)
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)
+    unwrapped: BaseClassifier = getattr(model, "module", model)
     transform = build_transform(cfg.data.augment, image.size, image.pipeline)
     val = episodes_of(cfg, packs, cfg.data.val_split, cfg.eval.val_episodes, cfg.data.n_query,
-                      rank=acc.process_index, world=acc.num_processes)
+                      rank=accelerator.process_index, world=accelerator.num_processes)
     tracker = make_tracker(cfg, main)
     if main:
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_config(cfg)
         LOGGER.info(f"hmaml pretrain · {cfg.name}: {cfg.model.encoder} on {len(data)} images of "
                    f"{len(data.info.names)} classes ({cfg.data.train_split}), batch {batch} x "
-                   f"{acc.num_processes} process(es), {len(loader)} steps per epoch, encoder "
-                   f"precision {precision}\n  run dir: {rd.path}")
+                   f"{accelerator.num_processes} process(es), {len(loader)} steps per epoch, "
+                   f"encoder precision {precision}\n  run dir: {rd.path}")
     tracker.start(cfg, rd.path, {"stage": "pretrain", "precision": precision.name})
     best_acc, best_epoch, history = -math.inf, 0, []
     for epoch in range(cfg.train.epochs):
@@ -143,16 +138,16 @@ def pretrain(cfg: Config) -> PretrainResult:
                    desc=f"pretrain epoch {epoch + 1}")
         for step, (images, labels) in enumerate(bar):
             generator = torch.Generator().manual_seed(derive_seed(
-                _PRETRAIN_AUGMENT, cfg.seed, epoch, step, acc.process_index))
+                _PRETRAIN_AUGMENT, cfg.seed, epoch, step, accelerator.process_index))
             x = transform(images.permute(0, 3, 1, 2).float().div_(255.0), generator)
-            labels = labels.to(acc.device, non_blocking=True)
-            logits = model(x.to(acc.device, non_blocking=True))
+            labels = labels.to(accelerator.device, non_blocking=True)
+            logits = model(x.to(accelerator.device, non_blocking=True))
             loss = F.cross_entropy(logits, labels)
             if not torch.isfinite(loss):
                 raise HmamlError(f"pretrain: non-finite loss at epoch {epoch + 1}, step "
                                  f"{step + 1}; lower train.lr (now {cfg.train.lr})")
             optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
+            accelerator.backward(loss)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
@@ -162,7 +157,7 @@ def pretrain(cfg: Config) -> PretrainResult:
                                "train_acc": 100.0 * correct / seen,
                                "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
-            result = evaluate(unwrapped.proto, val, acc)
+            result = evaluate(unwrapped.proto, val, accelerator)
             row.update(val_acc=result.mean, val_ci95=result.ci95)
             if result.mean > best_acc:
                 best_acc, best_epoch = result.mean, epoch + 1
@@ -175,7 +170,7 @@ def pretrain(cfg: Config) -> PretrainResult:
         history.append(row)
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         if main:
-            rd.history.write_text("".join(json.dumps(r) + "\n" for r in history))
+            rd.write_history(history)
             LOGGER.info(f"epoch {epoch + 1:4d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
                        f"acc {row['train_acc']:.2f}"
                        + (f"  val (ProtoNet) {row['val_acc']:.2f} ± {row['val_ci95']:.2f}"
@@ -187,6 +182,6 @@ def pretrain(cfg: Config) -> PretrainResult:
         print(f"  best val (ProtoNet) {best_acc:.2f} % at epoch {best_epoch} · wall time "
                    f"{wall / 60:.1f} min · encoder {rd.encoder} (model.init_from={rd.encoder})")
     tracker.end("FINISHED")
-    acc.wait_for_everyone()
-    acc.end_training()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return PretrainResult(str(rd.encoder), best_epoch, best_acc, wall)

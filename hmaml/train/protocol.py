@@ -20,13 +20,12 @@ import numpy as np
 from hmaml.allocator import keep_freed_memory
 from hmaml.config import FINGERPRINT_KEYS, Config, config_from_yaml, fingerprint
 from hmaml.errors import HmamlError
-from hmaml.evaluate import EvalResult, evaluate
-from hmaml.files import read_json, write_json_atomic
 from hmaml.methods import Method
 from hmaml.precision import resolve_precision
 from hmaml.train.build import Packs, build_model, episodes_of, eval_tasks_per_batch, open_packs
 from hmaml.train.checkpoint import restore_best
-from hmaml.train.plan import pick_device
+from hmaml.train.engine import make_accelerator
+from hmaml.train.evaluate import EvalResult, evaluate
 from hmaml.train.rundir import RunDir
 
 
@@ -90,15 +89,15 @@ class TestReport:
 
 def test_best(model: Any, method: Method, cfg: Config, packs: Packs, accelerator, best: Path,
               reached_p0: bool, episodes: int | None = None, repeats: int | None = None,
-              warmup: bool = False) -> TestReport:
+              untimed_batch: bool = False) -> TestReport:
     """Test the best checkpoint in ``best`` (loaded into ``method``, which ``model`` wraps).
 
-    ``warmup`` first classifies one untimed batch of the timed batches' shape, so that the
+    ``untimed_batch`` first classifies one untimed batch of the timed batches' shape, so that the
     repeats' ``seconds`` exclude one-time kernel set-up (Tables 4 and 8)."""
     best_epoch = restore_best(method, best, fingerprint(cfg))
     best_p = method.p
     method.set_tested()
-    if warmup:
+    if untimed_batch:
         batch = eval_tasks_per_batch(cfg, packs, cfg.data.test_query)
         evaluate(model, episodes_of(cfg, packs, cfg.data.test_split,
                                     batch * accelerator.num_processes, cfg.data.test_query,
@@ -116,18 +115,16 @@ def test_best(model: Any, method: Method, cfg: Config, packs: Packs, accelerator
 
 def evaluate_run(run_dir: str | Path, episodes: int | None = None,
                  repeats: int | None = None, overrides: Sequence[str] = (), *,
-                 warmup: bool = False, write: bool = True) -> dict[str, Any]:
+                 untimed_batch: bool = False, write: bool = True) -> dict[str, Any]:
     """Re-test a run's best checkpoint (under ``accelerate launch`` too: episodes split across
     processes, results gathered); writes (with ``write``) and returns ``evaluate.json``.
 
     ``overrides`` (``key=value``) change how the trained model is tested, e.g.
     ``method.inner_steps=10`` for a MAML run (Tables 4 and 8); keys that fix parameter shapes
-    are refused. ``warmup`` first adapts one untimed batch, so that ``test_seconds`` exclude
+    are refused. ``untimed_batch`` first adapts one untimed batch, so that ``test_seconds`` exclude
     one-time kernel set-up.
     """
     keep_freed_memory()  # see hmaml.allocator
-    from accelerate import Accelerator
-
     rd = RunDir(run_dir)
     for item in overrides:
         key = item.partition("=")[0].strip()
@@ -144,7 +141,7 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
         raise HmamlError(f"{rd.path}: no {rd.best.name} yet (the run has not validated an "
                          "epoch)")
     packs = open_packs(cfg, train=False)
-    accelerator = Accelerator(cpu=pick_device(cfg.train.device) == "cpu")
+    accelerator = make_accelerator(cfg, training=False)
     method = build_model(cfg, packs.image,
                          resolve_precision(cfg.train.mixed_precision, accelerator.device,
                                            compiled=cfg.train.compile),
@@ -153,15 +150,15 @@ def evaluate_run(run_dir: str | Path, episodes: int | None = None,
     # DTensor parameters (a tenth of a 600-task evaluation on 2 cores)
     model = accelerator.prepare(method) if accelerator.num_processes > 1 else \
         method.to(accelerator.device)
-    progress = read_json(rd.progress) or {}
+    progress = rd.read_progress() or {}
     method.set_epoch(max(int(progress.get("epoch", cfg.train.epochs)) - 1, 0))
-    reached = method.p == 0.0
+    reached = method.in_tested_form
     report = test_best(model, method, cfg, packs, accelerator, rd.best, reached, episodes,
-                       repeats, warmup)
+                       repeats, untimed_batch)
     summary = {"run_dir": str(rd.path), "overrides": list(overrides), **report.as_json(),
                "lines": report.lines()}
     if write and accelerator.is_main_process:
-        write_json_atomic(rd.evaluation, summary)
+        rd.write_evaluation(summary)
     return summary
 
 

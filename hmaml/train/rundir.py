@@ -86,11 +86,45 @@ class RunDir:
     evaluation = property(lambda self: self._file("evaluate.json"))
     encoder = property(lambda self: self._file("encoder.pt"))
 
+    # ------------------------------------------------------------------ records
+    # Every reader and writer of a run's records goes through these: one place knows the files.
     def read_history(self) -> list[dict[str, Any]]:
         """The per-epoch rows of ``history.jsonl`` (none when the run has not finished an epoch)."""
         if not self.history.is_file():
             return []
         return [json.loads(line) for line in self.history.read_text().splitlines() if line]
+
+    def write_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        """All rows of ``history.jsonl``, replaced atomically: a resumed run's history is its
+        checkpoint's (rows after it dropped), so the file is rewritten whole, never appended to,
+        and a crash mid-write cannot leave half a row."""
+        write_text_atomic(self.history, "".join(json.dumps(row) + "\n" for row in rows))
+
+    def read_progress(self) -> dict[str, Any] | None:
+        """``progress.json``: epoch, epochs, status, best validation accuracy (None: no epoch
+        recorded yet)."""
+        return read_json(self.progress)
+
+    def read_test(self) -> dict[str, Any] | None:
+        """``test.json``, the finished run's summary (None until the run is tested)."""
+        return read_json(self.test)
+
+    def write_test(self, summary: dict[str, Any], repeats: list[list[float]]) -> None:
+        """The test's per-episode accuracies (``test_accuracies.json``) and then its summary
+        (``test.json``, whose presence marks the run finished)."""
+        write_json_atomic(self.test_accuracies, {"repeats": repeats})
+        write_json_atomic(self.test, summary)
+
+    def write_evaluation(self, summary: dict[str, Any]) -> None:
+        """``evaluate.json``: a re-test of the best checkpoint (``hmaml evaluate``)."""
+        write_json_atomic(self.evaluation, summary)
+
+    def read_trial(self) -> dict[str, Any] | None:
+        """``trial.json``, the sweep job's record of the trial (None outside a sweep)."""
+        return read_json(self.trial)
+
+    def write_trial(self, record: dict[str, Any]) -> None:
+        write_json_atomic(self.trial, record)
 
     def zero_state(self, epoch: int, step: int) -> Path:
         return self._file(f"{ZERO_PREFIX}{epoch:06d}-{step:06d}")
@@ -131,7 +165,7 @@ class RunDir:
     def _future_only(self, old: Sequence[int], new: Sequence[int]) -> bool:
         """Whether two LR schedules agree on every milestone the run has passed (a milestone
         ``m`` acts after the ``m``-th epoch), so the new one only reshapes epochs to come."""
-        done = (read_json(self.progress) or {}).get("epoch")
+        done = (self.read_progress() or {}).get("epoch")
         if done is None:
             return False
         return sorted(m for m in old if m <= done) == sorted(m for m in new if m <= done)

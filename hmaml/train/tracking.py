@@ -151,9 +151,6 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         return None
 
-    def log_model(self, run_dir: str | Path, register: str | None = None) -> str | None:
-        return None
-
     def end(self, status: str = "FINISHED") -> None:
         return None
 
@@ -267,27 +264,6 @@ class Tracker:
         path = Path(path)
         method = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         self._guarded(method, self.run_id, str(path), artifact_path)
-
-    def log_model(self, run_dir: str | Path, register: str | None = None) -> str | None:
-        """Log the run folder's tested checkpoint as the run's MLflow model (and register it as
-        a new version of ``register``); returns what was done, for the closing summary. A
-        failure costs one warning and the model, not the tracking."""
-        if not self.active:
-            return None
-        from hmaml.mlflow_model import log_model, register_model
-
-        assert self.uri is not None and self.run_id is not None
-        try:
-            done = f"MLflow model {log_model(run_dir, self.uri, self.run_id)}"
-            if register:
-                version = register_model(self.uri, self.run_id, register)
-                done += f", registered as models:/{register}/{version}"
-            return done
-        except Exception as exc:
-            warnings.warn(f"the run's MLflow model was not logged or registered "
-                          f"({type(exc).__name__}: {first_line(exc, 300)}); its checkpoint "
-                          f"stays in {run_dir}", RuntimeWarning, stacklevel=2)
-            return None
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with ``FINISHED``, ``FAILED`` or ``KILLED``."""

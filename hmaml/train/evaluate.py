@@ -1,8 +1,10 @@
-"""The test protocol: fixed episode lists, accuracy gathered across ranks, mean ± 95% CI.
+"""Classifying a fixed episode list on every rank: validation, test and pre-training's check.
 
 Every rank classifies its share of a fixed list of episodes (see
-:func:`hmaml.data.episodes.eval_episodes`); the per-episode accuracies are gathered and put back
-in global episode order, so the figures do not depend on the number of processes.
+:func:`hmaml.data.eval_lists.eval_episodes`); the per-episode accuracies are gathered and put
+back in global episode order, so the figures do not depend on the number of processes; each
+list gives its mean ± 95 % CI. Which checkpoint is tested, on how many lists, and how the lists'
+figures combine is the test protocol's (:mod:`hmaml.train.protocol`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hmaml.data.episodes import EvalBatch
+from hmaml.data.eval_lists import EvalBatch
 from hmaml.methods import Method
 
 
