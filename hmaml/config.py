@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -304,7 +304,7 @@ def parse_yaml(text: str, source: str, kind: str = "a config") -> dict[str, Any]
         raise HmamlError(f"{source}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(node, DictConfig):
         raise HmamlError(f"{source}: {kind} must be a mapping of keys to values")
-    return OmegaConf.to_container(node, resolve=False)
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=False))  # a DictConfig: a dict
 
 
 def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[Layer]:
@@ -340,7 +340,8 @@ def _override_layers(overrides: list[str] | tuple[str, ...]) -> list[Layer]:
             node = OmegaConf.from_dotlist([item])
         except Exception as exc:
             raise HmamlError(f"override {item!r}: {first_line(exc)}") from None
-        layers.append((f"override {item!r}", OmegaConf.to_container(node, resolve=False)))
+        raw = cast(dict[str, Any], OmegaConf.to_container(node, resolve=False))  # a dict
+        layers.append((f"override {item!r}", raw))
     return layers
 
 

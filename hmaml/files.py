@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None], *,
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object], *,
                  durable: bool = False) -> Path:
     """Call ``write`` on a temporary file beside ``path``, then rename it into place (the
     temporary file is removed if anything fails). ``durable`` also fsyncs the file and its

@@ -207,8 +207,8 @@ def _store(uri: str) -> Iterator[None]:
     mlflow.set_tracking_uri(uri)
     try:
         yield
-    finally:
-        mlflow.set_tracking_uri(before)
+    finally:  # None unsets it: mlflow takes None, its annotation omits it
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]
 
 
 def _requirements() -> list[str]:
@@ -314,7 +314,7 @@ def register_model(uri: str, run_id: str, name: str, alias: str | None = None,
     known = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'") \
         if reuse else []
     if known:
-        version = max(int(v.version) for v in known)
+        version = str(max(int(v.version) for v in known))
     else:
         with _store(uri):
             version = mlflow.register_model(source, name).version

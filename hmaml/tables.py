@@ -105,7 +105,9 @@ def steps_table(maml_run: str | Path, hypermaml_run: str | Path, *, steps: Seque
     if not steps or any(k < 0 for k in steps):
         raise HmamlError(f"--steps {list(steps)}: need one or more step counts >= 0")
     maml, hyper = _method_of(maml_run, "maml"), _method_of(hypermaml_run, "hypermaml")
-    data = maml.stored_config().data
+    maml_cfg = maml.stored_config()
+    assert maml_cfg is not None  # _method_of has read it
+    data = maml_cfg.data
     dataset = read_manifest(data.eval_pack or data.train_pack).dataset
     paper = PAPER_STEPS.get(dataset, {})
     rows = []

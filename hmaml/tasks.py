@@ -78,6 +78,7 @@ class TaskBatch:
     @staticmethod
     def stack(tasks: list[TaskBatch]) -> TaskBatch:
         """Concatenate task batches along the task axis."""
-        return TaskBatch(*(torch.cat([getattr(t, name) for t in tasks]) for name in
-                           ("support_x", "support_y", "query_x", "query_y")),
-                         n_way=tasks[0].n_way)
+        return TaskBatch(torch.cat([t.support_x for t in tasks]),
+                         torch.cat([t.support_y for t in tasks]),
+                         torch.cat([t.query_x for t in tasks]),
+                         torch.cat([t.query_y for t in tasks]), n_way=tasks[0].n_way)

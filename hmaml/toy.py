@@ -100,10 +100,12 @@ def adapted_classifiers(method: Method, batch: TaskBatch) -> tuple[Tensor, Tenso
     """Universal (W, b) and each task's adapted (W', b') of a toy method."""
     support, _ = method.embed(batch)
     onehot = one_hot(batch.support_y, 2, support.dtype)
-    w0, b0 = method.head.expand(batch.num_tasks)
     if isinstance(method, HyperMAML):
+        w0, b0 = method.head.expand(batch.num_tasks)
         dw, db = method.delta(support, onehot)
         return w0.detach(), b0.detach(), (w0 + dw).detach(), (b0 + db).detach()
+    assert isinstance(method, MAML)  # the toy's methods: HyperMAML and MAML (build_toy_method)
+    w0, b0 = method.head.expand(batch.num_tasks)
     w, b = sgd_head_steps(support, onehot, w0, b0, method.inner_steps, method.inner_lr, True)
     return w0.detach(), b0.detach(), w.detach(), b.detach()
 

@@ -108,7 +108,7 @@ def train_throughput(device: torch.device, meta_batch: int, steps: int,
     return {key: meta_batch * steps / value for key, value in seconds.items()}
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="hmaml bench adapt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -53,7 +53,7 @@ from hmaml.bench.common import sync
 from hmaml.bench.train import hypermaml_step
 from hmaml.errors import HmamlError
 from hmaml.methods import MAML, HyperMAML, Method, ProtoNet
-from hmaml.models import build_encoder
+from hmaml.models import Encoder, build_encoder
 from hmaml.precision import resolve_precision
 from hmaml.tasks import TaskBatch
 
@@ -242,7 +242,7 @@ def numerics_cases(sizes: Sizes) -> dict[str, Callable[[], Method]]:
     """Every method as trained: MAML head and whole network (second order), HyperMAML at
     p = 0 and p = 0.5, ProtoNet."""
 
-    def encoder() -> torch.nn.Module:
+    def encoder() -> Encoder:
         return build_encoder("conv4", 1, sizes.size)
 
     return {

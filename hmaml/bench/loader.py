@@ -12,6 +12,7 @@ picks) and prints the ratio, which must stay well above 1 (docs/data.md asks >= 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -91,23 +92,23 @@ def run(shards: str | None, way: int, shot: int, query: int, workers: int,
     each synthetic pack the tasks/s training consumes at its shapes and the ratio of the two."""
     results: dict[str, Any] = {"way": way, "shot": shot, "query": query, "workers": workers,
                                "tasks_per_batch": tasks_per_batch}
-    shape = dict(way=way, shot=shot, query=query, workers=workers,
-                 tasks_per_batch=tasks_per_batch, seconds=seconds)
+    measure_shape = functools.partial(measure, way=way, shot=shot, query=query, workers=workers,
+                                      tasks_per_batch=tasks_per_batch, seconds=seconds)
     if shards is not None:
         manifest = read_manifest(shards)
         splits = manifest.splits
         split = "train" if "train" in splits else next(iter(splits), "train")
         results["pack"] = f"{manifest.dataset}/{split}"
-        results["pack_eps"], results["pack_startup_s"] = measure(shards, split, augment=augment,
-                                                                 **shape)
+        results["pack_eps"], results["pack_startup_s"] = measure_shape(shards, split,
+                                                                       augment=augment)
     with tempfile.TemporaryDirectory(prefix="hmaml-loader-bench-") as tmp:
         for name, image, augment_synth, encoder, width in (
                 ("synthetic84", ImageSpec(84, 3, 126, "natural"), "natural", "conv4pool", 256),
                 ("synthetic28", ImageSpec(28, 1, 28, "characters"), None, "conv4", 512)):
             pack = write_synthetic_pack(Path(tmp) / name, classes=64,
                                         per_class=max(60, shot + query), image=image)
-            results[f"{name}_eps"], results[f"{name}_startup_s"] = measure(
-                pack, "train", augment=augment_synth, **shape)
+            results[f"{name}_eps"], results[f"{name}_startup_s"] = measure_shape(
+                pack, "train", augment=augment_synth)
             if train:
                 results[f"{name}_train_tasks_s"] = training_tasks_per_second(
                     image, encoder, width, tasks_per_batch, query, seconds)

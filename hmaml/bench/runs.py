@@ -159,13 +159,14 @@ def _drain(queue: list[RunSpec], running: list[Any], results: list[RunResult], p
             errors.close()
             result = RunResult(spec, proc.returncode, time.perf_counter() - began,
                                read_json(spec.run_dir / "test.json") or {})
-            if not result.test:
-                result.error = "stopped at the deadline" if late else \
+            if result.test:
+                outcome = f"test {result.test.get('test_acc', float('nan')):.2f} %"
+            else:
+                outcome = result.error = "stopped at the deadline" if late else \
                     f"exit status {proc.returncode}: {tail}"
             results.append(result)
-            log(f"run {spec.variant} seed {spec.seed}: "
-                + (f"test {result.test.get('test_acc', float('nan')):.2f} %"
-                   if result.test else result.error) + f" ({result.seconds:.0f} s)")
+            log(f"run {spec.variant} seed {spec.seed}: " + outcome
+                + f" ({result.seconds:.0f} s)")
 
 
 def seed_table(results: Sequence[RunResult]) -> dict[str, Any]:

@@ -76,8 +76,8 @@ def measure(run_dir: Path, queries: int, rounds: int, http: bool) -> dict[str, A
         mlflow.set_tracking_uri(store)
         try:
             model = mlflow.pyfunc.load_model(model_uri)
-        finally:
-            mlflow.set_tracking_uri(None)
+        finally:  # None unsets it: mlflow takes None, its annotation omits it
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
         out["pyfunc"] = _timings(lambda: model.predict(frame), rounds)
         if http:
             body = json.dumps({"dataframe_records": frame.to_dict(orient="records")}).encode()

@@ -14,17 +14,25 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from hmaml.config import configs_dir
 from hmaml.sweep import read_sweep_json, submit
 from hmaml.train.rundir import RunDir
 
+
+class PaperFigure(TypedDict):
+    """A group's accuracy in the paper (mean, std) and the goal for its mean over seeds."""
+
+    paper: tuple[float, float]
+    goal: float | None
+
+
 #: The paper's Table 9 (Omniglot -> EMNIST, 5-way, Conv4): mean ± std over its 5 test lists,
 #: and the goal for the mean over seeds.
-PAPER = {"1shot": {"paper": (79.07, 1.09), "goal": 79.1},
-         "5shot": {"paper": (89.22, 0.78), "goal": 89.2},
-         "maml": {"paper": (74.81, 0.25), "goal": None}}
+PAPER: dict[str, PaperFigure] = {"1shot": {"paper": (79.07, 1.09), "goal": 79.1},
+                                 "5shot": {"paper": (89.22, 0.78), "goal": 89.2},
+                                 "maml": {"paper": (74.81, 0.25), "goal": None}}
 
 
 def sweep_file(name: str) -> Path:
@@ -126,13 +134,13 @@ def paper_rows(name: str, extra: Sequence[str], packs: Path, gpu: int, workdir: 
         groups.setdefault(group, []).append(float(test["test_acc"]))
     rows = {}
     for group, accs in groups.items():
-        paper = PAPER.get(group, {})
+        paper = PAPER.get(group)
+        goal = paper["goal"] if paper is not None else None
         mean = statistics.fmean(accs)
         rows[group] = {"seeds": len(accs), "test_acc_mean": round(mean, 2),
                        "test_acc_std": round(statistics.stdev(accs), 2) if len(accs) > 1
-                       else None, "paper": paper.get("paper"), "goal": paper.get("goal"),
-                       "goal_met": None if paper.get("goal") is None
-                       else mean >= paper["goal"]}
+                       else None, "paper": paper["paper"] if paper is not None else None,
+                       "goal": goal, "goal_met": None if goal is None else mean >= goal}
     if out_dir is not None:
         for suffix in ("md", "png"):  # the table and its plot (the CSV stays in the sweep)
             summary = sweep_dir / f"summary.{suffix}"
@@ -142,4 +150,5 @@ def paper_rows(name: str, extra: Sequence[str], packs: Path, gpu: int, workdir: 
             "trials": trials, "rows": rows}
 
 
-__all__ = ["PAPER", "common_window", "paper_rows", "sweep_file", "trials_throughput"]
+__all__ = ["PAPER", "PaperFigure", "common_window", "paper_rows", "sweep_file",
+           "trials_throughput"]

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -81,10 +82,11 @@ def encoder_step(plain: bool, tasks: int, query: int, size: int, autocast: bool,
     torch.manual_seed(0)
     images = tasks * 5 * (1 + query)
     x = torch.rand(images, 1, size, size)
+    model: nn.Module
     if plain:
         model = plain_conv4(1)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        if channels_last:  # torch's stub of Module.to lacks its memory_format keyword
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             x = x.contiguous(memory_format=torch.channels_last)
         run = lambda: model(x)  # noqa: E731
     else:
@@ -185,8 +187,9 @@ def targets(result: dict[str, object], train_key: str) -> dict[str, object]:
         if value is None:
             continue
         goal = TARGETS[name]
+        measured = cast(float, value)  # the figures measured are numbers
         out[name] = {"target": goal, "measured": value,
-                     "met": bool(sign * float(value) >= sign * goal)}
+                     "met": bool(sign * float(measured) >= sign * goal)}
     return out
 
 
@@ -230,9 +233,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         except Exception as exc:  # the figure says why compiling failed instead of stopping
             variants.pop(compiled, None)
             result["hypermaml_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    result.update(time_steps(variants, args.steps, args.tasks, log))
+    speeds = time_steps(variants, args.steps, args.tasks, log)
+    result.update(speeds)
     result["plain_over_hmaml_encoder_bf16"] = round(
-        result["encoder_plain_bf16_channels_last"] / result["encoder_hmaml_bf16"], 2)
+        speeds["encoder_plain_bf16_channels_last"] / speeds["encoder_hmaml_bf16"], 2)
     if args.run is not None:
         result.update(evaluate_process(args.run, args.eval_episodes))
     if args.profile:

@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
     else:
         options = {k: v for k, v in vars(args).items() if k not in _GENERIC}
-        manifest = pack_dataset(args.command, getattr(args, "src", None), args.out,
-                                force=args.force, workers=args.workers,
-                                shard_bytes=max(1, round(args.shard_mb * 2**20)),
-                                min_images=args.min_images, drop_small=args.drop_small,
-                                progress=not args.quiet, **options)
-        for split, info in manifest["splits"].items():
+        packed = pack_dataset(args.command, getattr(args, "src", None), args.out,
+                              force=args.force, workers=args.workers,
+                              shard_bytes=max(1, round(args.shard_mb * 2**20)),
+                              min_images=args.min_images, drop_small=args.drop_small,
+                              progress=not args.quiet, **options)
+        for split, info in packed["splits"].items():
             images = sum(c["count"] for c in info["classes"])
             size = sum(s["bytes"] for s in info["shards"]) / 2**20
             print(f"{args.out}: {split}: {len(info['classes'])} classes, {images} images, "

@@ -126,9 +126,12 @@ def check_shard_files(store: PackStore, manifest: Manifest,
     """Every shard of the split passes the pack's shard check (local: exists with the manifest's
     size; remote and cached: fetched, size and sha256; remote: its size is checked as it is
     read). Returns the shards with where to read them."""
-    return [dataclasses.replace(shard, path=store.check_shard(shard.entry, manifest),
-                                policy=store.policy)
-            for shard in info.shards]
+    checked = []
+    for shard in info.shards:
+        assert shard.entry is not None  # split_info gives every shard its manifest entry
+        checked.append(dataclasses.replace(shard, path=store.check_shard(shard.entry, manifest),
+                                           policy=store.policy))
+    return checked
 
 
 # ----------------------------------------------------------------------------- shard reading
@@ -152,11 +155,11 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
                     want = expected - shard.base if expected < end else "none"
                     raise HmamlError(f"{shard.path}: record {sample['__key__']!r} has label "
                                      f"{own}, expected {want} per the manifest")
-                want = (int(info.counts[label]), *info.image_shape)
-                if images.dtype != np.uint8 or images.shape != want or name != info.names[label]:
+                shape = (int(info.counts[label]), *info.image_shape)
+                if images.dtype != np.uint8 or images.shape != shape or name != info.names[label]:
                     raise HmamlError(f"{shard.path}: class {name!r} holds {images.dtype} "
                                      f"{tuple(images.shape)}, the manifest says "
-                                     f"{info.names[label]!r} uint8 {want}")
+                                     f"{info.names[label]!r} uint8 {shape}")
                 expected += 1
                 yield label, images
     except HmamlError as exc:  # WebDataset appends " @ <stream>", the stream and the url

@@ -73,7 +73,8 @@ class _Resuming(io.RawIOBase):
     def __init__(self, url: str, size: int | None, policy: RemotePolicy,
                  opener: Callable[[str, int, float], tuple[IO[bytes], int]]) -> None:
         self.url, self.size, self.policy, self.opener = url, size, policy, opener
-        self.offset, self.failures, self.stream = 0, 0, None
+        self.offset, self.failures = 0, 0
+        self.stream: IO[bytes] | None = None
 
     def readable(self) -> bool:
         return True

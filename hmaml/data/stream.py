@@ -200,9 +200,15 @@ class EpisodeStream(IterableDataset):
 
     def preload(self) -> None:
         """Read a split that fits the buffer into memory now (e.g. before workers fork)."""
-        if self.fits and self._resident is None:
+        if self.fits:
+            self._resident_classes()
+
+    def _resident_classes(self) -> list[np.ndarray]:
+        """The split's class records in memory, read on first use (a split that fits)."""
+        if self._resident is None:
             self._resident = [images for shard in self.shards
                               for _, images in read_shard(shard, self.info)]
+        return self._resident
 
     def __iter__(self) -> Iterator[TaskBatch]:
         worker = get_worker_info()
@@ -212,8 +218,7 @@ class EpisodeStream(IterableDataset):
         """The meta-batches ``worker, worker + num_workers, ...`` of this rank's epoch."""
         epoch = self.epoch
         if self.fits:
-            self.preload()
-            source: ResidentClasses | StreamBuffer = ResidentClasses(self._resident)
+            source: ResidentClasses | StreamBuffer = ResidentClasses(self._resident_classes())
         else:
             order = seeded_generator(TAG_STREAM, self.seed, self.rank, worker, epoch)
             source = StreamBuffer(stream_classes(self.shards, self.info, order), self.budget)

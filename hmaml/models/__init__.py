@@ -32,7 +32,8 @@ def build_encoder(name: str, in_channels: int, image_size: int,
                          f"choose one of {', '.join(ENCODERS)}") from None
     encoder = cls(in_channels, image_size)
     init_encoder(encoder, init)
-    return encoder.to(memory_format=torch.channels_last)
+    # torch's stub of Module.to lacks the memory_format keyword that it takes
+    return encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 __all__ = ["ENCODERS", "INITS", "Encoder", "build_encoder", "load_encoder", "save_encoder"]

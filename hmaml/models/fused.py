@@ -134,18 +134,23 @@ class BatchNormPoolReLU(torch.autograd.Function):
                 ) -> Tensor:
         module = kernel()
         assert module is not None
-        save = any(ctx.needs_input_grad[:3])  # False under no_grad and inference_mode
+        # the attr-defined ignores of forward and backward: torch's FunctionCtx stub lacks what
+        # autograd's ctx holds (needs_input_grad, saved_tensors) and what we set on it (eps)
+        needs_grad = ctx.needs_input_grad  # type: ignore[attr-defined]
+        save = any(needs_grad[:3])  # False under no_grad and inference_mode
         out, xhat, argmax, mean, invstd = module.forward(x, weight, bias, eps, save)
         if save:
             ctx.save_for_backward(x, weight, bias, out, xhat, argmax, mean, invstd)
-            ctx.eps = eps
+            ctx.eps = eps  # type: ignore[attr-defined]
         return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, out, xhat, argmax, mean, invstd = ctx.saved_tensors
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]  # see forward
+        x, weight, bias, out, xhat, argmax, mean, invstd = saved
         if torch.is_grad_enabled():  # create_graph: the gradient will be differentiated again
-            return (*native_gradient(x, weight, bias, ctx.eps, grad), None)
+            eps = ctx.eps  # type: ignore[attr-defined]  # see forward
+            return (*native_gradient(x, weight, bias, eps, grad), None)
         module = kernel()
         assert module is not None
         dx, dweight, dbias = module.backward(grad, x, out, xhat, argmax, mean, invstd, weight)

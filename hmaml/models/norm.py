@@ -14,12 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import overload
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from hmaml.models import fused
+
+
+@overload
+def _tiled(param: Tensor, tasks: int, dims: int) -> Tensor: ...
+
+
+@overload
+def _tiled(param: Tensor | None, tasks: int, dims: int) -> Tensor | None: ...
 
 
 def _tiled(param: Tensor | None, tasks: int, dims: int) -> Tensor | None:
@@ -67,7 +76,7 @@ class TaskConv2d(nn.Conv2d):
     (``train.compile``: the grouped form is what they were measured and tested with).
     """
 
-    def forward(self, x: Tensor, tasks: int = 1) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, tasks: int = 1) -> Tensor:
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         if tasks > 1 and channels_last and self.weight.dim() == 4 and \
                 x.shape[1] > tasks * self.groups and not torch.compiler.is_compiling():

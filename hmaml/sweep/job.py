@@ -173,5 +173,5 @@ _WAIT_S = 1.0
 def trial_running(rd: RunDir) -> bool:
     """Whether the trial's record says a live process of this host is training it."""
     record = rd.read_trial()
-    return bool(record) and record.get("state") == "running" and \
+    return record is not None and record.get("state") == "running" and \
         record.get("host") == socket.gethostname() and process_alive(int(record.get("pid", 0)))

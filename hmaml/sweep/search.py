@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from hmaml.errors import HmamlError, first_line
 from hmaml.files import read_json, write_json_atomic
@@ -92,10 +92,12 @@ def open_study(sweep: Sweep, storage: str, epochs: int) -> Any:
                if search.sampler.name == "tpe" else
                optuna.samplers.RandomSampler(seed=search.sampler.seed))
     pruner = make_pruner(search.pruner, epochs)
+    # one of the two: the sweep file's check (spec.py) refuses any other
+    direction = cast(Literal["minimize", "maximize"], search.direction)
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
         study = optuna.create_study(storage=storage, study_name=sweep.name, sampler=sampler,
-                                    pruner=pruner, direction=search.direction,
+                                    pruner=pruner, direction=direction,
                                     load_if_exists=True)
     except Exception as exc:  # a bad URL, a server that refuses: one line
         raise HmamlError(f"search.storage={storage}: {type(exc).__name__}: "
@@ -180,8 +182,9 @@ class _Driver:
                  cluster: str, info: dict[str, Any], echo: Callable[[str], None]) -> None:
         self.sweep, self.study, self.storage, self.parent = sweep, study, storage, parent
         self.cluster, self.info, self.echo = cluster, info, echo
-        self.search = sweep.spec.search
-        assert self.search is not None
+        search = sweep.spec.search
+        assert search is not None  # a search sweep's driver
+        self.search: SearchSpec = search
         self.running: dict[int, tuple[Trial, Any, Any]] = {}  # number -> (trial, handle, slot)
         self.watched: dict[int, Trial] = {}  # running elsewhere (an earlier submission's job)
         self.resume: list[tuple[int, Trial]] = []  # (trial id, trial) whose job died

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -241,7 +241,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if not sep or not key.strip():
             raise HmamlError(f"sweep override {item!r} must look like key.sub=value")
         try:
-            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))
+            value = cast(dict[str, Any], parsed)["v"]  # a DictConfig's container: a dict
         except Exception as exc:
             raise HmamlError(f"sweep override {item!r}: {first_line(exc)}") from None
         section, _, rest = key.partition(".")
@@ -473,7 +474,7 @@ def _expand(spec: SweepSpec, path: Path) -> Sweep:
     if spec.search is not None:
         return _expand_search(spec, path)
     name, base_path, common = _base(spec, path)
-    variants = spec.variants or [None]
+    variants: Sequence[VariantSpec | None] = spec.variants or [None]
     grid = _flat(spec.grid or {})
     grid_points = [dict(zip(grid, combo, strict=True))
                    for combo in itertools.product(*grid.values())] or [{}]

@@ -13,7 +13,7 @@ import random
 from collections import Counter, OrderedDict
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch
 from hmaml.config import fingerprint_diff
 from hmaml.errors import HmamlError
 from hmaml.files import write_atomic
+from hmaml.methods import Method
 
 FORMAT = 1
 
@@ -89,7 +90,10 @@ def load_checkpoint(path: str | Path, expected_fingerprint: str | None) -> dict[
 def capture_rng() -> dict[str, Any]:
     """This process's random states (python, numpy legacy global, torch CPU and CUDA)."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    # legacy=True gives MT19937's state as a tuple (a dict only where np.random.set_bit_generator
+    # installed another bit generator, which hmaml never does)
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float],
+                                              np.random.get_state(legacy=True))
     state: dict[str, Any] = {
         "python": (version, tuple(internal), gauss),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -140,7 +144,7 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, Any], path: s
                          f"{detail.split(':', 1)[-1].strip()[:300]}") from None
 
 
-def restore_best(method: torch.nn.Module, path: str | Path, expected_fingerprint: str) -> int:
+def restore_best(method: Method, path: str | Path, expected_fingerprint: str) -> int:
     """Load a best-epoch checkpoint into ``method`` and put it in that epoch's state (the
     warm-up weight p it was validated with); returns the 0-based best epoch."""
     state = load_checkpoint(path, expected_fingerprint)

@@ -76,10 +76,11 @@ def evaluate(method: Method, batches: Iterable[EvalBatch], accelerator) -> EvalR
     gathered = gathered[torch.argsort(gathered[:, 0])]
     gathered = gathered.cpu()
     seconds = time.perf_counter() - start
-    norms: list[float | None] = [None, None]
+    weight_norm: float | None = None
+    bias_norm: float | None = None
     if not torch.isnan(gathered[:, 2]).any():
-        norms = [float(gathered[:, 2].mean()), float(gathered[:, 3].mean())]
-    return EvalResult.of(gathered[:, 1].numpy(), *norms, seconds=seconds)
+        weight_norm, bias_norm = float(gathered[:, 2].mean()), float(gathered[:, 3].mean())
+    return EvalResult.of(gathered[:, 1].numpy(), weight_norm, bias_norm, seconds=seconds)
 
 
 def _gather_rows(rows: torch.Tensor, accelerator) -> torch.Tensor:

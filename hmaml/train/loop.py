@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from hmaml.allocator import keep_freed_memory
 from hmaml.config import Config, fingerprint, to_yaml
-from hmaml.data.stream import train_loader
+from hmaml.data.stream import EpisodeStream, train_loader
 from hmaml.errors import HmamlError
 from hmaml.log import LOGGER, show_bars
 from hmaml.methods import Method, method_class
@@ -259,8 +259,8 @@ class Trainer:
     def training_rate(self) -> float | None:
         """Training tasks per second over the epochs trained (their training time alone);
         None when an epoch of the history did not record its time (an older run)."""
-        seconds = [row.get("epoch_s") for row in self.history]
-        if not seconds or None in seconds:
+        seconds = [row["epoch_s"] for row in self.history if row.get("epoch_s") is not None]
+        if not seconds or len(seconds) < len(self.history):
             return None
         return len(seconds) * self.cfg.train.episodes_per_epoch / sum(seconds)
 
@@ -318,7 +318,7 @@ class Trainer:
         """Train one epoch from ``start_step``; None when a stop was requested."""
         method = self.accelerator.unwrap_model(self.model)
         method.set_epoch(epoch)
-        self.train_data.dataset.set_epoch(epoch)
+        cast(EpisodeStream, self.train_data.dataset).set_epoch(epoch)  # train_loader's dataset
         totals = {"loss": 0.0, "acc": 0.0, "weight_norm": 0.0, "bias_norm": 0.0, "tasks": 0.0,
                   "skipped_steps": 0.0}
         batches: Iterator[TaskBatch] = iter(self.train_data)

@@ -54,13 +54,14 @@ class TestReport:
 
     def as_json(self) -> dict[str, Any]:
         norms = [r.weight_update_norm for r in self.repeats]
+        weight_norms = [n for n in norms if n is not None]
         return {
             "test_acc": self.mean, "test_std": self.std, "test_ci": self.ci95,
             "test_episodes": int(self.repeats[0].accuracies.size),
             "test_repeats": [{"acc": r.mean, "ci95": r.ci95} for r in self.repeats],
             "tested_p": self.tested_p, "best_epoch": self.best_epoch,
             "best_epoch_p": self.best_epoch_p, "reached_p0": self.reached_p0,
-            "weight_update_norm": None if None in norms else float(np.mean(norms)),
+            "weight_update_norm": None if None in norms else float(np.mean(weight_norms)),
             "bias_update_norm": None if norms[0] is None else float(
                 np.mean([r.bias_update_norm for r in self.repeats])),
             "repeat_weight_update_norms": norms,

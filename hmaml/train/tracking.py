@@ -133,6 +133,7 @@ class NullTracker:
     """The tracker of non-main ranks and disabled tracking: every call does nothing."""
 
     run_id: str | None = None
+    uri: str | None = None
 
     @property
     def active(self) -> bool:
