@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one prepared run: launch/bench.py gpu with every section, on a GPU machine
-# that reaches no package index (README: The GPU check).
+# that reaches no package index (docs/benchmarks.md: The GPU check).
 #
 #   bash launch/gpu_check.sh prepare RAW   # here: wheels, raw data and the compared commit -> .gpu/
 #   bash launch/gpu_check.sh smoke OUT     # here, on the CPU: the same run, every section tiny
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The code before the speed rewrite: 69.13 % on an H200 in train_run, where the rewrite gave
-# 53.82 (bf16) / 57.11 % (fp32) on an H100 (README: The GPU check).
+# 53.82 (bf16) / 57.11 % (fp32) on an H100 (docs/benchmarks.md: The GPU check).
 COMPARE=3903106
 WHEELS=(omegaconf==2.4.0 webdataset==1.0.2 braceexpand==0.1.7 submitit==1.5.4)
 
