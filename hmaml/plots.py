@@ -6,6 +6,7 @@ canvas, no display), so importing this module stays light.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from hmaml.files import write_bytes_atomic
+
 
 def _save(fig: Any, out_png: str | Path) -> Path:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    """The figure as a PNG, made in memory and written atomically (a full disk: a named
+    error, no torn image)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return write_bytes_atomic(out_png, buffer.getvalue())
 
 
 def phase_spans(history: Sequence[Mapping[str, Any]]) -> list[tuple[float, float, str]]:

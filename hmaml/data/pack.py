@@ -37,6 +37,7 @@ from hmaml.data.format import (
 from hmaml.data.sources import ClassEntry, Source, SourceInput, open_source
 from hmaml.data.store import PackStore, read_manifest
 from hmaml.errors import HmamlError
+from hmaml.files import disk_full, out_of_space
 from hmaml.log import show_bars
 
 DEFAULT_SHARD_BYTES = 64 * 2**20
@@ -215,7 +216,8 @@ def pack_dataset(dataset: str, src: str | Path | None, out: str | Path, *, force
         source = open_source(dataset, src, workdir=scratch / "src", min_images=min_images,
                              drop_small=drop_small, **options)
         sources = [{"path": item.name, "sha256": digest_input(item)} for item in source.inputs]
-        pack_options = {"dataset": dataset, **source.options, "shard_bytes": shard_bytes}
+        pack_options = {"dataset": dataset, **source.options, "shard_bytes": shard_bytes,
+                        "record_checksum": "crc32"}
         fp = sources_fingerprint(sources, pack_options)
         existing = _check_target(out, fp, force)
         if existing is not None:
@@ -239,6 +241,10 @@ def pack_dataset(dataset: str, src: str | Path | None, out: str | Path, *, force
             manifest["dropped"] = source.dropped
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         _swap_into_place(folder, out)
+    except Exception as exc:  # a shard writer's OSError, or another library's wrapping it
+        if out_of_space(exc):  # the scratch folder goes below: nothing half-packed is left
+            raise disk_full(out) from None
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return manifest

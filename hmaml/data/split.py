@@ -22,10 +22,18 @@ import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from hmaml.data.format import ImageSpec, Manifest, ShardEntry, decode_class_record, split_parts
+from hmaml.data.format import (
+    ImageSpec,
+    Manifest,
+    ShardEntry,
+    decode_class_record,
+    record_intact,
+    split_parts,
+)
 from hmaml.data.store import PackStore, RemotePolicy, open_location
 from hmaml.data.transforms import Transform
 from hmaml.errors import HmamlError
+from hmaml.log import LOGGER
 from hmaml.tasks import TaskBatch
 
 # seed-sequence tags: a random stream per purpose (pre-training's augmentation takes 5)
@@ -137,6 +145,23 @@ def check_shard_files(store: PackStore, manifest: Manifest,
 # ----------------------------------------------------------------------------- shard reading
 
 
+_NOTED: set[str] = set()  # packs without record checksums, noted once per process
+
+
+def pack_of(shard: ShardInfo) -> str:
+    """The pack a shard belongs to (its folder or URL)."""
+    return str(shard.path).rsplit("/", 1)[0]
+
+
+def note_unchecked(pack: str) -> None:
+    """Say once per process that ``pack`` predates record checksums (it still loads)."""
+    if pack not in _NOTED:
+        _NOTED.add(pack)
+        LOGGER.info(f"note: {pack} was packed without record checksums (an earlier hmaml): a "
+                    "damaged byte in it is caught only by `hmaml pack verify --full`; re-pack it "
+                    "(--force) to have every read checked")
+
+
 def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(label, images [n, H, W, C] uint8)`` of each class record in a shard, in order,
     checking each against the manifest; any read or decode error is an HmamlError naming the shard.
@@ -150,6 +175,14 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
             for sample in group_by_keys(tar_file_expander([{"url": str(shard.path),
                                                                "stream": handle}])):
                 own, name, images = decode_class_record(sample)
+                intact = record_intact(sample)
+                if intact is False:
+                    raise HmamlError(f"{shard.path}: the images of class {name!r} (record "
+                                     f"{sample['__key__']!r}) fail their checksum: this shard "
+                                     f"of the pack {pack_of(shard)} is damaged; fetch or re-pack "
+                                     "it (hmaml pack verify --full checks the whole pack)")
+                if intact is None:
+                    note_unchecked(pack_of(shard))
                 label = shard.base + own
                 if label != expected or expected >= end:
                     want = expected - shard.base if expected < end else "none"

@@ -7,6 +7,7 @@ rather than whatever the layer constructors happen to draw.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from hmaml.errors import HmamlError
-from hmaml.files import write_atomic
+from hmaml.files import write_bytes_atomic
 from hmaml.models.norm import TaskBatchNorm2d, TaskConv2d
 
 ENCODER_FORMAT = "hmaml-encoder-1"
@@ -52,7 +53,9 @@ def save_encoder(path: str | Path, encoder: nn.Module, name: str, in_channels: i
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     payload = {"format": ENCODER_FORMAT, "encoder": name, "in_channels": in_channels,
                "image_size": image_size, "state_dict": state, "info": info or {}}
-    write_atomic(path, lambda handle: torch.save(payload, handle), durable=True)
+    buffer = io.BytesIO()  # saved whole first: a full disk then names the size needed
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue(), durable=True)
 
 
 def load_encoder(encoder: nn.Module, path: str | Path, name: str, in_channels: int,

@@ -9,6 +9,7 @@ guards against resuming with a model or optimizer of another shape.
 
 from __future__ import annotations
 
+import io
 import random
 from collections import Counter, OrderedDict
 from importlib import metadata
@@ -20,7 +21,7 @@ import torch
 
 from hmaml.config import fingerprint_diff
 from hmaml.errors import HmamlError
-from hmaml.files import write_atomic
+from hmaml.files import write_bytes_atomic
 from hmaml.methods import Method
 
 FORMAT = 1
@@ -57,7 +58,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         raise ValueError(f"checkpoint state lacks {', '.join(missing)}")
     _check_plain(state, "state")
     payload = {**state, "format": FORMAT, "hmaml_version": hmaml_version()}
-    return write_atomic(path, lambda handle: torch.save(payload, handle), durable=True)
+    return write_bytes_atomic(path, serialized(payload), durable=True)
+
+
+def serialized(payload: dict[str, Any]) -> bytes:
+    """``torch.save`` of ``payload`` in memory: written in one piece afterwards, so that a full
+    disk is met by a plain write (a named error with the size needed) rather than inside torch's
+    zip writer, and the run knows a checkpoint's size before the disk does."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | Path, expected_fingerprint: str | None) -> dict[str, Any]:

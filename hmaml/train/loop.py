@@ -17,6 +17,7 @@ rank, worker and epoch; a stop mid-epoch replays the epoch's batches up to the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -38,6 +39,7 @@ from hmaml.allocator import keep_freed_memory
 from hmaml.config import Config, fingerprint, to_yaml
 from hmaml.data.stream import EpisodeStream, train_loader
 from hmaml.errors import HmamlError
+from hmaml.files import MB, DiskFullError, free_bytes, mount_point
 from hmaml.log import LOGGER, show_bars
 from hmaml.methods import Method, method_class
 from hmaml.models import fused
@@ -255,6 +257,13 @@ class Trainer:
             state.update(optimizer={} if self.deepspeed else self.optimizer.state_dict(),
                          scheduler=self.scheduler.state_dict(), rng=capture_rng())
         return state
+
+    def checkpoint_bytes(self) -> int:
+        """A checkpoint's size: the last one written, else the parameters and Adam's two
+        moments of each (what the first checkpoint will hold, give or take its small keys)."""
+        if self.rd.checkpoint.is_file():
+            return self.rd.checkpoint.stat().st_size
+        return 3 * sum(p.numel() * p.element_size() for p in self.method.parameters())
 
     def training_rate(self) -> float | None:
         """Training tasks per second over the epochs trained (their training time alone);
@@ -474,6 +483,12 @@ def _header(trainer: Trainer, changes: list[str]) -> str:
         *(f"  {line}" for line in trainer.plan.lines()[1:]),
         f"  run dir: {trainer.rd.path}",
     ]
+    free, need = free_bytes(trainer.rd.path), 2 * trainer.checkpoint_bytes()
+    if free < need:
+        lines.append(f"  warning: {free / MB:.1f} MB free on {mount_point(trainer.rd.path)}, "
+                     f"less than two checkpoints ({need / MB:.1f} MB: a checkpoint is replaced "
+                     "by writing the new one beside it); the run stops with an error when the "
+                     "disk is full, and resumes once space is freed")
     if trainer.epoch or trainer.resume_step:
         lines.append(f"  resuming at epoch {trainer.epoch + 1}, step {trainer.resume_step}")
     if changes:
@@ -543,8 +558,10 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
                 return TrainResult(status, str(rd.path), trainer.epoch, run_id)
             report = trainer.test()
         except Exception as exc:
-            trainer.progress(Status.FAILED, str(exc) if isinstance(exc, HmamlError) else
-                             f"{type(exc).__name__}: {exc}")
+            # on a full disk even progress.json may not fit: the error itself is what counts
+            with contextlib.suppress(DiskFullError):
+                trainer.progress(Status.FAILED, str(exc) if isinstance(exc, HmamlError) else
+                                 f"{type(exc).__name__}: {exc}")
             trainer.tracker.set_tags({"failure": str(exc)[:500]})
             trainer.tracker.end("FAILED")
             raise

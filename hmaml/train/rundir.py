@@ -24,7 +24,7 @@ from typing import Any
 
 from hmaml.config import Config, config_from_yaml, flatten, to_yaml
 from hmaml.errors import HmamlError
-from hmaml.files import read_json, write_json_atomic, write_text_atomic
+from hmaml.files import disk_full, out_of_space, read_json, write_json_atomic, write_text_atomic
 
 #: Keys that may differ when a run folder is re-used: to extend a run (train.epochs) or to
 #: change only how it is watched. Anything else would mix two experiments in one folder.
@@ -201,8 +201,15 @@ class RunDir:
                 with contextlib.suppress(FileNotFoundError):
                     self.lock_file.unlink()
                 continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(me, handle)
+            except OSError as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    self.lock_file.unlink()
+                if out_of_space(exc):
+                    raise disk_full(self.lock_file) from None
+                raise
             break
         try:
             yield

@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse
 
 from hmaml.config import Config, flatten
 from hmaml.errors import first_line
-from hmaml.files import write_text_atomic
+from hmaml.files import out_of_space, write_text_atomic
 from hmaml.train.rundir import RunDir
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -349,10 +349,11 @@ class Tracker:
         self._client = None
         if not self._warned:
             self._warned = True
-            reason = first_line(exc, 300)
+            reason = f"{type(exc).__name__}: {first_line(exc, 300)}"
+            if out_of_space(exc):  # the store's disk, not the run's: the run goes on
+                reason = f"no space left on device for its store; {reason}"
             warnings.warn(f"MLflow tracking at {self.uri} is off for the rest of this run "
-                          f"({type(exc).__name__}: {reason}); {self.consequence}",
-                          RuntimeWarning, stacklevel=3)
+                          f"({reason}); {self.consequence}", RuntimeWarning, stacklevel=3)
 
 
 def _client(uri: str) -> tuple[Any, Path | None]:
