@@ -23,11 +23,12 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hmaml.data.format import (
+    DamagedRecord,
     ImageSpec,
     Manifest,
     ShardEntry,
     decode_class_record,
-    record_intact,
+    has_checksum,
     split_parts,
 )
 from hmaml.data.store import PackStore, RemotePolicy, open_location
@@ -174,14 +175,15 @@ def read_shard(shard: ShardInfo, info: SplitInfo) -> Iterator[tuple[int, np.ndar
                            shard.policy) as handle:
             for sample in group_by_keys(tar_file_expander([{"url": str(shard.path),
                                                                "stream": handle}])):
-                own, name, images = decode_class_record(sample)
-                intact = record_intact(sample)
-                if intact is False:
-                    raise HmamlError(f"{shard.path}: the images of class {name!r} (record "
+                try:
+                    own, name, images = decode_class_record(sample)
+                except DamagedRecord as exc:
+                    raise HmamlError(f"{shard.path}: the images of class {exc.name!r} (record "
                                      f"{sample['__key__']!r}) fail their checksum: this shard "
                                      f"of the pack {pack_of(shard)} is damaged; fetch or re-pack "
-                                     "it (hmaml pack verify --full checks the whole pack)")
-                if intact is None:
+                                     "it (hmaml pack verify --full checks the whole pack)"
+                                     ) from None
+                if not has_checksum(sample):
                     note_unchecked(pack_of(shard))
                 label = shard.base + own
                 if label != expected or expected >= end:
