@@ -22,7 +22,7 @@ from hmaml.errors import HmamlError, first_line
 
 #: ``train.mixed_precision``: auto picks bf16 where the hardware runs it fast (hmaml.precision).
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-#: ``train.device``: auto takes CUDA, else Apple's MPS, else the CPU (hmaml.train.plan).
+#: ``train.device``: auto takes CUDA, else Apple's MPS, else the CPU (hmaml.train.engine).
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
 NONFINITE = ("stop", "skip")
