@@ -111,6 +111,9 @@ class TrainConfig:
     progress: bool = True
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop with an error, or skip the step
     nonfinite_patience: int = 10  # with skip: stop after this many non-finite steps in a row
+    # how long a rank waits for the others in one collective before it gives up (several
+    # processes): longer than rank 0's lone work between two (a checkpoint, MLflow logging)
+    dist_timeout_s: int = 300
 
 
 @dataclass
@@ -478,6 +481,7 @@ def _check(cfg: Config, source_of: Any) -> None:
         positive("train.max_grad_norm", t.max_grad_norm)
     one_of("train.nonfinite", t.nonfinite, NONFINITE)
     at_least("train.nonfinite_patience", t.nonfinite_patience, 1)
+    at_least("train.dist_timeout_s", t.dist_timeout_s, 1)
     at_least("eval.val_episodes", e.val_episodes, 1)
     at_least("eval.test_episodes", e.test_episodes, 1)
     if e.tasks_per_batch is not None:

@@ -14,8 +14,11 @@ class HmamlError(Exception):
     """Bad input a user can fix: the message names the file, key or value at fault.
 
     The launch scripts catch it, print ``error: <message>`` on one line and exit with status 2,
-    so a user never has to read a traceback to learn what to change.
+    so a user never has to read a traceback to learn what to change. A subclass for a failure
+    that is not the input's (a lost rank) sets another ``exit_status``.
     """
+
+    exit_status = 2
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:
@@ -26,7 +29,8 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
 
 def one_line_errors(main: Callable[P, int | None]) -> Callable[P, int]:
     """Wrap a command's ``main``: a :class:`HmamlError` becomes ``error: <message>`` on stderr
-    and exit status 2; otherwise the status is what ``main`` returned (None: 0)."""
+    and its ``exit_status`` (2: bad input); otherwise the status is what ``main`` returned
+    (None: 0)."""
 
     @functools.wraps(main)
     def wrapped(*args: P.args, **kwargs: P.kwargs) -> int:
@@ -34,6 +38,6 @@ def one_line_errors(main: Callable[P, int | None]) -> Callable[P, int]:
             return main(*args, **kwargs) or 0
         except HmamlError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return exc.exit_status
 
     return wrapped

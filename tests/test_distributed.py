@@ -4,12 +4,16 @@ any world size, several nodes, DeepSpeed ZeRO-1/2 (gloo on CPU)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -251,7 +255,6 @@ def test_deepspeed_zero_trains_like_ddp_with_its_optimizer_partitioned(
 @pytest.mark.slow
 def test_deepspeed_resumes_exactly_after_a_stop(tiny_pack: Path, tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
-    import psutil
 
     launch = cpu_launch_file(tmp_path, 2)
     straight = tmp_path / "straight"
@@ -279,3 +282,84 @@ def test_deepspeed_resumes_exactly_after_a_stop(tiny_pack: Path, tmp_path: Path)
     assert "resuming at epoch" in resumed.stdout
     assert_same_params(stopped, straight, rel=0)
     assert len(list(stopped.glob("zero-state-*"))) == 1  # older partitions are removed
+
+
+# ----------------------------------------------------------------------------- a lost rank
+LOST = {**E2E, "train.epochs": 4, "train.episodes_per_epoch": 16, "train.meta_batch": 4,
+        "train.grad_accum": 1}
+
+
+def start_ranks(run_dir: Path, pack: Path, **extra: object) -> subprocess.Popen:
+    """torchrun of two ranks in its own session; returns once the first epoch is done."""
+    job = subprocess.Popen(torchrun("--standalone", "--nproc_per_node", "2",
+                                    *train_command(pack, run_dir, **{**LOST, **extra})[1:]),
+                           env=single_thread_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    progress = run_dir / "progress.json"
+    while not (progress.is_file() and json.loads(progress.read_text())["epoch"] >= 1):
+        assert job.poll() is None, job.stderr.read()[-3000:] if job.stderr else ""
+        time.sleep(0.05)
+    return job
+
+
+def rank_process(job: subprocess.Popen, rank: int) -> psutil.Process:
+    [process] = [p for p in psutil.Process(job.pid).children()
+                 if p.environ().get("RANK") == str(rank)]
+    return process
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_killed_rank_stops_the_survivor_at_once_and_a_rerun_resumes(
+        tiny_pack: Path, tmp_path: Path) -> None:
+    """``kill -9`` of rank 1 in epoch 2: rank 0's next collective fails, it prints one line
+    naming the lost rank and exits 3, torchrun ends at once; the same command again resumes
+    from the last checkpoint and ends where an uninterrupted run of two ranks ends."""
+    straight = tmp_path / "straight"
+    proc = run(torchrun("--standalone", "--nproc_per_node", "2",
+                        *train_command(tiny_pack, straight, **LOST)[1:]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = tmp_path / "killed"
+    job = start_ranks(killed, tiny_pack)
+    victim = rank_process(job, 1)
+    victim.kill()
+    start = time.monotonic()
+    _, err = job.communicate(timeout=120)
+    took = time.monotonic() - start
+    assert took < 60 and job.returncode != 0
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: rank 0 of 2 lost rank 1 (pid {victim.pid} on ")
+    assert "which is gone (in epoch " in line and "resumes from its last checkpoint" in line
+    assert re.search(r"exitcode\s*:\s*3\b", err)  # torchrun's report of rank 0
+    progress = json.loads((killed / "progress.json").read_text())
+    assert progress["status"] == "failed" and progress["error"] == line[len("error: "):]
+    resumed = run(torchrun("--standalone", "--nproc_per_node", "2",
+                           *train_command(tiny_pack, killed, **LOST)[1:]))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at epoch" in resumed.stdout
+    assert_same_params(killed, straight, rel=0)
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_is_named_once_train_dist_timeout_s_runs_out(
+        tiny_pack: Path, tmp_path: Path) -> None:
+    """SIGSTOP of rank 1 (a hung process, a frozen node): rank 0 waits no longer than the
+    process group's timeout, then names the rank that did not answer."""
+    job = start_ranks(tmp_path / "run", tiny_pack, **{"train.dist_timeout_s": 5})
+    victim = rank_process(job, 1)
+    victim.suspend()
+    start = time.monotonic()
+    # without the timeout rank 0 would wait for gloo's 30 min: end it all after 120 s
+    watchdog = threading.Timer(120, os.killpg, (job.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        assert job.stderr is not None
+        line = next((x for x in job.stderr if x.startswith("error: ")), "")
+        took = time.monotonic() - start
+    finally:
+        watchdog.cancel()
+        victim.resume()
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    assert line.startswith(f"error: rank 0 of 2 lost rank 1 (pid {victim.pid} on "), line
+    assert "no answer within train.dist_timeout_s=5 s (in epoch " in line
+    assert 4 < took < 60

@@ -2,9 +2,10 @@
 array with MLflow child runs; ``scontrol requeue`` stops a trial at a step boundary, and the
 requeued job resumes it to the very model an uninterrupted trial ends with; re-submission submits
 nothing; a CPU trial of two tasks trains as a world of two, and submitit's time-limit signal stops
-both ranks at one step before submitit requeues the job; the sbatch template trains two ranks and
-requeues itself before its time limit; the "is it still running" checks of
-:mod:`hmaml.sweep.signals` follow real jobs.
+both ranks at one step before submitit requeues the job; a task of such a trial killed with
+``kill -9`` ends the job at once, and the survivor's requeue resumes it to the uninterrupted
+model; the sbatch template trains two ranks and requeues itself before its time limit; the "is
+it still running" checks of :mod:`hmaml.sweep.signals` follow real jobs.
 
 Requeued jobs wait about two minutes (``BeginTime``) before running again; the tests let them out
 after two seconds with ``scontrol update StartTime=now``.
@@ -32,10 +33,10 @@ from hmaml.sweep import read_sweep_json
 from hmaml.sweep.signals import (
     ACTIVE_SLURM_STATES,
     PreemptionGuard,
-    process_alive,
     slurm_job_state,
     still_running,
 )
+from hmaml.train.peers import process_alive
 from tests.sweep_fixtures import FORCED_BAD, child_runs, search_body, write_sweep
 from tests.train_fixtures import ROOT, tiny_overrides, tiny_pack
 
@@ -123,6 +124,18 @@ def release_when_requeued(job_id: str) -> None:
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_ended_alike(trial: Path, calm: Path) -> None:
+    """The trial's final and best model are ``torch.equal`` to those of ``calm`` (which ran
+    through), and its test figures the same."""
+    for name in ("checkpoint.pt", "best.pt"):
+        expected, got = model_state(calm / name), model_state(trial / name)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+    keys = ("test_acc", "test_ci", "best_val_acc", "best_epoch", "epoch")
+    assert {k: read_json(trial / "test.json")[k] for k in keys} == \
+        {k: read_json(calm / "test.json")[k] for k in keys}
 
 
 def sweep_cli(*args: str) -> str:
@@ -214,13 +227,7 @@ def test_requeued_trial_resumes_to_the_same_model(requeued_sweep: dict) -> None:
     assert read_json(calm / "trial.json")["restarts"] == 0
     assert "resuming at epoch" in "".join(
         p.read_text() for p in (sweep_dir / "submitit").glob("*/*_0_log.out"))
-    for name in ("checkpoint.pt", "best.pt"):
-        expected, got = model_state(calm / name), model_state(requeued / name)
-        assert expected.keys() == got.keys()
-        assert all(torch.equal(expected[k], got[k]) for k in expected), name
-    keys = ("test_acc", "test_ci", "best_val_acc", "best_epoch", "epoch")
-    assert {k: read_json(requeued / "test.json")[k] for k in keys} == \
-        {k: read_json(calm / "test.json")[k] for k in keys}
+    assert_ended_alike(requeued, calm)
 
 
 @pytest.mark.slow
@@ -272,6 +279,64 @@ def test_cpu_trial_of_two_tasks_trains_as_world_of_two_and_survives_the_time_lim
     assert "resuming at epoch" in rank0
     progress = read_json(run_dir / "progress.json")
     assert (progress["status"], progress["epoch"]) == ("finished", 4)
+
+
+def task_pid(job_id: str, rank: int) -> int:
+    """The process of one task of a running job (``scontrol listpids``: the task's root, not
+    its children), by the job's global task rank."""
+    raw = job_fields(job_id)["JobId"]  # an array task's own id
+    out = subprocess.run(["scontrol", "listpids", raw], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split("\n")[1:]
+    pids = {int(f[0]) for f in (line.split() for line in out)
+            if len(f) == 5 and f[2].isdigit() and f[4] == str(rank)}
+    roots = [pid for pid in pids
+             if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+             not in pids]
+    assert len(roots) == 1, (job_id, rank, out)
+    return roots[0]
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_a_killed_task_ends_the_job_at_once_and_the_requeued_trial_ends_as_if_uninterrupted(
+        tmp_path: Path, tiny_pack: Path) -> None:
+    """Two identical trials of two CPU tasks each. Task 1 of ``killed`` gets ``kill -9`` in its
+    second epoch: task 0 names the lost rank, requeues the job, and ``--kill-on-bad-exit`` ends
+    the step; the job leaves the node within 60 s, runs again, resumes, and ends with the very
+    model of ``calm``, which nothing interrupted."""
+    from hmaml.sweep import submit
+    path = write_sweep(tmp_path, {**PREEMPTIBLE, "variants": [
+        {"name": "calm", "overrides": {}}, {"name": "killed", "overrides": {}}],
+        "executor": {"cluster": "slurm", "gpus_per_node": 0, "tasks_per_node": 2,
+                     "cpus_per_task": 1, "timeout_min": 10}}, pack=tiny_pack)
+    jobs = submit(path, echo=lambda _: None)["submitted"]
+    sweep_dir, job = tmp_path / "out", jobs["killed_seed=0"]
+    victim = sweep_dir / "killed_seed=0"
+    wait_for("the first epoch of killed_seed=0", lambda: first_epoch_done(victim),
+             jobs=tuple(jobs.values()))
+    os.kill(task_pid(job, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for("the job to leave the node", lambda: job_fields(job)["JobState"] not in (
+        "RUNNING", "COMPLETING"), jobs=(job,), timeout=60)
+    left_after = time.monotonic() - killed
+    record = read_json(victim / "trial.json")
+    release_when_requeued(job)
+    wait_for("both trials to finish", lambda: all(
+        (sweep_dir / name / "test.json").is_file() for name in jobs), jobs=tuple(jobs.values()))
+    wait_for("both jobs to end", lambda: not any(
+        still_running(None, j) for j in jobs.values()), jobs=tuple(jobs.values()))
+
+    assert left_after < 60
+    assert record["state"] == "requeued" and record["restarts"] == 0
+    assert record["error"].startswith("LostRankError: rank 0 of 2 lost rank 1 (pid "), record
+    assert "which is gone (in epoch " in record["error"]
+    log = "".join(p.read_text() for p in (sweep_dir / "submitit").glob(f"{job}/*_0_log.*"))
+    assert f"requeued SLURM job {job} to resume the trial (executor.max_lost_rank_requeues: " \
+        "2 left)" in log
+    assert "resuming at epoch" in log
+    final = read_json(victim / "trial.json")
+    assert (final["state"], final["restarts"], final["error"]) == ("finished", 1, None)
+    assert_ended_alike(victim, sweep_dir / "calm_seed=0")
 
 
 # --- an Optuna search ------------------------------------------------------------------------

@@ -119,6 +119,8 @@ def describe(sweep: Sweep, cluster: str) -> str:
     if cluster != "debug":
         lines.append(f"  max_num_timeout: {ex.max_num_timeout}")
     if cluster == "slurm":
+        lines.append(f"  max_lost_rank_requeues: {ex.max_lost_rank_requeues}")
+    if cluster == "slurm":
         jobs = -(-len(sweep.trials) // ex.trials_per_gpu)
         lines.append(f"  one job array of {jobs} jobs, {ex.trials_per_gpu} trials each "
                      f"({'sharing its GPU' if ex.gpus_per_node else 'sharing its CPUs'})"
@@ -178,8 +180,9 @@ def submit(sweep_file: str | Path, cluster: str | None = None, dry_run: bool = F
         return {"submitted": {}, "skipped": skipped, "parent_run_id": parent}
 
     delay = sweep.spec.executor.signal_delay_s if cluster == "slurm" else LOCAL_SIGNAL_DELAY_S
-    jobs = [(t, TrialJob(t.cfg, parent, _trial_tags(sweep, t), grace_s=delay / 2))
-            for t in todo]
+    requeues = sweep.spec.executor.max_lost_rank_requeues
+    jobs = [(t, TrialJob(t.cfg, parent, _trial_tags(sweep, t), grace_s=delay / 2,
+                         lost_rank_requeues=requeues)) for t in todo]
     if cluster == "debug":
         submitted = _run_debug(jobs, echo)
     elif cluster == "local":

@@ -44,6 +44,8 @@ def executor_parameters(spec: ExecutorSpec, cluster: str) -> dict[str, Any]:
             "slurm_partition": spec.partition, "slurm_account": spec.account,
             "slurm_qos": spec.qos, "slurm_array_parallelism": spec.array_parallelism,
             "slurm_signal_delay_s": spec.signal_delay_s,
+            # a task that dies ends the job step at once: no survivor waits for it
+            "slurm_srun_args": ["--kill-on-bad-exit=1"],
             "slurm_setup": [f"export OMP_NUM_THREADS={spec.cpus_per_task}", *spec.setup],
             "slurm_additional_parameters": dict(spec.additional_parameters) or None}
         return {k: v for k, v in params.items() if v is not None}

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from hmaml.config import Config
 from hmaml.errors import first_line
-from hmaml.sweep.signals import PreemptionGuard, job_environment, process_alive, restart_count
+from hmaml.sweep.signals import (
+    PreemptionGuard,
+    job_environment,
+    requeue_this_job,
+    restart_count,
+)
+from hmaml.train.peers import LostRankError, process_alive
 from hmaml.train.rundir import RunDir, Status, TrainResult
 
 
@@ -43,22 +50,26 @@ class TrialJob:
     Calling it trains ``cfg`` (resuming from ``cfg.run_dir``) as a child run of
     ``parent_run_id``; ``checkpoint()`` returns the submission that requeues it, which resumes
     from the run directory. ``grace_s``: how long a preemption signal may wait for a step
-    boundary before submitit requeues at once.
+    boundary before submitit requeues at once. ``lost_rank_requeues``: how often the job may
+    still requeue itself after losing one of its ranks (SLURM).
     """
 
     def __init__(self, cfg: Config, parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None, grace_s: float = 45.0,
-                 on_validation: Callable[[int, float], bool] | None = None) -> None:
+                 on_validation: Callable[[int, float], bool] | None = None,
+                 lost_rank_requeues: int = 0) -> None:
         self.cfg = cfg
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})
         self.grace_s = grace_s
         self.on_validation = on_validation  # a search trial's pruner (hmaml.sweep.search)
+        self.lost_rank_requeues = lost_rank_requeues
 
-    def fresh(self) -> TrialJob:
+    def fresh(self, lost_rank_requeues: int | None = None) -> TrialJob:
         """A new job of the same trial (what a requeue runs; it resumes from ``run_dir``)."""
         return TrialJob(self.cfg, self.parent_run_id, self.tags, self.grace_s,
-                        self.on_validation)
+                        self.on_validation, self.lost_rank_requeues
+                        if lost_rank_requeues is None else lost_rank_requeues)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's checkpoint protocol: requeue a fresh copy; it resumes from ``run_dir``."""
@@ -99,6 +110,12 @@ class TrialJob:
                                stop_requested=lambda: self.stop_requested(guard),
                                tags=self.tags, on_validation=self.on_validation)
             state = result.status.value
+        except LostRankError as exc:
+            state, error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
+            if self.requeue_after(exc):
+                state = "requeued"
+                raise SystemExit(exc.exit_status) from exc  # no result: the job runs again
+            raise
         except Exception as exc:
             state, error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
             raise
@@ -106,6 +123,21 @@ class TrialJob:
             if main:
                 write_trial_state(rd, state, error)
         return result, guard
+
+    def requeue_after(self, lost: LostRankError) -> bool:
+        """Requeue this trial's SLURM job after a lost rank while requeues are left; whether
+        it was. Done at once: ``srun --kill-on-bad-exit`` kills this task ``KillWait`` seconds
+        after the other one died."""
+        left = self.lost_rank_requeues
+        job = requeue_this_job(self.fresh(left - 1)) if left > 0 else None
+        print(f"error: {lost}", file=sys.stderr, flush=True)
+        if job is not None:
+            print(f"requeued SLURM job {job} to resume the trial (executor."
+                  f"max_lost_rank_requeues: {left - 1} left)", file=sys.stderr, flush=True)
+        elif left <= 0 and job_environment() is not None:
+            print("not requeued: executor.max_lost_rank_requeues used up", file=sys.stderr,
+                  flush=True)
+        return job is not None
 
 
 #: The variables of a torch.distributed launch: without them a process is a world of one

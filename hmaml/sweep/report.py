@@ -19,7 +19,7 @@ from hmaml.train.rundir import RunDir
 from hmaml.train.tracking import Tracker, ui_line
 
 SWEEP_JSON = "sweep.json"
-STATES = ("pending", "running", "preempted", "finished", "pruned", "failed")
+STATES = ("pending", "running", "preempted", "requeued", "finished", "pruned", "failed")
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png")
 
 

@@ -222,7 +222,7 @@ class _Driver:
             self.study.tell(number, float(value))
         elif state["state"] == "pruned":
             self.study.tell(number, state=TrialState.PRUNED)
-        elif state["state"] == "preempted":
+        elif state["state"] in ("preempted", "requeued"):
             return "preempted"  # left running in the study: the next submission resumes it
         else:
             self.study.tell(number, state=TrialState.FAIL)
@@ -269,7 +269,8 @@ class _Driver:
                 **{f"sweep.axis.{k}": json.dumps(v) for k, v in trial.axes.items()}}
         link = PrunerLink(self.storage, self.sweep.name, trial_id, self.search.pruner,
                           trial.cfg.train.epochs) if self.search.pruner is not None else None
-        return TrialJob(trial.cfg, self.parent, tags, grace_s=delay / 2, on_validation=link)
+        return TrialJob(trial.cfg, self.parent, tags, grace_s=delay / 2, on_validation=link,
+                        lost_rank_requeues=spec.max_lost_rank_requeues)
 
     def _start(self, number: int, trial_id: int, trial: Trial) -> None:
         self._record(trial, number)

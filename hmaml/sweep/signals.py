@@ -19,6 +19,11 @@ How a trial job is stopped:
   job ends; SLURM requeues it (it waits ``BeginTime``, about two minutes, before running it again
   with ``SLURM_RESTART_COUNT`` one higher) or not (``scancel``). ``KillWait`` must leave time to
   reach a step boundary.
+- **a lost rank** (a task of a trial of several killed, its node lost): the job step's
+  ``srun --kill-on-bad-exit`` ends the other tasks, and a survivor that saw the collective fail
+  (:class:`~hmaml.train.peers.LostRankError`) first requeues the job itself
+  (:func:`requeue_this_job`), within ``executor.max_lost_rank_requeues``; submitit requeues only
+  after its own signal. The requeued trial resumes from its last checkpoint.
 
 Without ``slurmdbd``, ``sacct`` (and hence submitit's job state) knows nothing, so a job's state
 comes from ``scontrol show job``, which knows jobs until ``MinJobAge`` after they end.
@@ -37,11 +42,14 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from hmaml.errors import HmamlError
+from hmaml.train.peers import process_alive
 
 # SLURM job states in which the job may still run (or run again) the trial it was given.
 ACTIVE_SLURM_STATES = frozenset({
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING",
     "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"})
+# ... and those of a job SLURM took back to run again (another survivor requeued it first).
+REQUEUED_SLURM_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
 _JOB_STATE = re.compile(r"\bJobState=(\S+)")
 
 Handler = Callable[[int, FrameType | None], Any]
@@ -92,17 +100,6 @@ def slurm_job_state(job_id: str) -> str | None:
         raise HmamlError(f"SLURM job {job_id}: scontrol show job failed: {why}")
     match = _JOB_STATE.search(out.stdout)
     return match.group(1) if match else None
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of this host with that id exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
 
 
 def still_running(record: Mapping[str, Any] | None, slurm_job: str | None = None) -> bool:
@@ -174,3 +171,32 @@ class PreemptionGuard:
             return
         assert self._submitit is not None
         self._submitit(signum, frame)  # no step boundary in time: submitit requeues now
+
+
+def requeue_this_job(submission: Any) -> str | None:
+    """Requeue the SLURM job this process runs in, to call ``submission`` when it runs again;
+    returns the job id, or None outside a SLURM job.
+
+    submitit's own requeue after its signal, for a failure it does not requeue (a lost rank):
+    the job's pickle is replaced (keeping its time-limit countdown), then ``scontrol requeue``.
+    Several survivors may all call it: a job SLURM already holds for its restart counts as
+    requeued. Raises HmamlError when SLURM refuses.
+    """
+    from submitit.core import utils
+
+    env = job_environment()
+    if env is None or env.cluster != "slurm":
+        return None
+    path = env.paths.submitted_pickle
+    old = utils.DelayedSubmission.load(path)
+    new = utils.DelayedSubmission(submission)
+    new.set_timeout(old._timeout_min, old._timeout_countdown)
+    with utils.temporary_save_path(path) as tmp:
+        new.dump(tmp)
+    job = str(env.job_id)
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode != 0 and slurm_job_state(job) not in REQUEUED_SLURM_STATES:
+        said = (done.stderr.strip().splitlines() or ["no message"])[0]
+        raise HmamlError(f"scontrol requeue {job} failed: {said}")
+    return job

@@ -76,6 +76,7 @@ class ExecutorSpec:
     visible_gpus: list[int] | None = None  # local: the GPUs trials run on (default: all)
     signal_delay_s: int = 120  # SLURM: warning signal this long before the time limit
     max_num_timeout: int = 10  # requeues after a timeout (preemptions do not count)
+    max_lost_rank_requeues: int = 3  # SLURM: requeues of a trial after one of its ranks died
     setup: list[str] = field(default_factory=list)  # SLURM: shell lines before the trial starts
     additional_parameters: dict[str, Any] = field(default_factory=dict)  # SLURM: more #SBATCH
 
@@ -415,7 +416,8 @@ def _check_executor(ex: ExecutorSpec, fail: Callable[[str], None]) -> None:
         fail(f"executor.cluster={ex.cluster!r} is not one of {', '.join(CLUSTERS)}")
     for key, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1),
                      ("timeout_min", 1), ("array_parallelism", 1), ("max_local_parallel", 1),
-                     ("trials_per_gpu", 1), ("signal_delay_s", 1), ("max_num_timeout", 0)):
+                     ("trials_per_gpu", 1), ("signal_delay_s", 1), ("max_num_timeout", 0),
+                     ("max_lost_rank_requeues", 0)):
         value = getattr(ex, key)
         if value < low:
             fail(f"executor.{key}={value} must be >= {low}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -143,7 +144,11 @@ def make_accelerator(cfg: Config, *, training: bool = True) -> Accelerator:
     deepspeed = training and deepspeed_requested()
     if deepspeed:
         check_engine("DeepSpeed", cfg.train.mixed_precision, on_cpu)
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
+    # an explicit timeout: a rank that stops answering ends the others' wait in
+    # train.dist_timeout_s, not in torch's default (10 min over NCCL, 30 over gloo)
+    handlers = [InitProcessGroupKwargs(
+        timeout=timedelta(seconds=cfg.train.dist_timeout_s),
+        **({"backend": "gloo"} if on_cpu else {}))] if expected > 1 else []
     # bf16 is autocast inside the method, around the encoder only (hmaml.precision);
     # Accelerate's own mixed precision is needed for fp16 alone, for its loss scaler
     fp16 = training and cfg.train.mixed_precision == "fp16"

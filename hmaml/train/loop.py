@@ -62,6 +62,7 @@ from hmaml.train.engine import (
     make_accelerator,
 )
 from hmaml.train.evaluate import evaluate
+from hmaml.train.peers import Peers
 from hmaml.train.plan import make_plan
 from hmaml.train.protocol import TestReport, test_best
 from hmaml.train.rundir import RunDir, Status, TrainResult, wall_time
@@ -531,10 +532,12 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
     start = time.perf_counter()
     keep_freed_memory()  # before the first step's activations: see hmaml.allocator
     accelerator = make_accelerator(cfg)
+    peers = Peers.gather(accelerator.process_index, accelerator.num_processes,
+                         cfg.train.dist_timeout_s)
     if accelerator.is_main_process:
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_config(cfg)
-    with StopFlag(stop_requested) as stop:
+    with StopFlag(stop_requested) as stop, peers.named("while the run started"):
         trainer = Trainer(cfg, rd, accelerator, stop)
         trainer.on_validation = on_validation  # every rank agrees on what rank 0 is told
         if accelerator.is_main_process:
@@ -557,13 +560,17 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
                             f"{trainer.history[-1].get('val_acc', float('nan')):.2f} %)")
                 return TrainResult(status, str(rd.path), trainer.epoch, run_id)
             report = trainer.test()
-        except Exception as exc:
+        except Exception as raised:
+            # a collective that lost its peer: named (the ranks lost), and resumable
+            exc = peers.explain(raised, f"in epoch {trainer.epoch + 1}")
             # on a full disk even progress.json may not fit: the error itself is what counts
             with contextlib.suppress(DiskFullError):
                 trainer.progress(Status.FAILED, str(exc) if isinstance(exc, HmamlError) else
                                  f"{type(exc).__name__}: {exc}")
             trainer.tracker.set_tags({"failure": str(exc)[:500]})
             trainer.tracker.end("FAILED")
+            if exc is not raised:
+                raise exc from raised
             raise
         except BaseException:  # an exit inside a signal handler (submitit's requeue), Ctrl-C:
             trainer.tracker.end("FAILED")  # the run is not finished, nor known to be broken
