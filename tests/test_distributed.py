@@ -312,8 +312,10 @@ def rank_process(job: subprocess.Popen, rank: int) -> psutil.Process:
 def test_under_torchrun_a_killed_rank_stops_the_survivor_at_once_and_a_rerun_resumes(
         tiny_pack: Path, tmp_path: Path) -> None:
     """``kill -9`` of rank 1 in epoch 2: rank 0's next collective fails, it prints one line
-    naming the lost rank and exits 3, torchrun ends at once; the same command again resumes
-    from the last checkpoint and ends where an uninterrupted run of two ranks ends."""
+    naming the lost rank, torchrun ends at once; the same command again resumes from the last
+    checkpoint and ends where an uninterrupted run of two ranks ends. (torchrun reports the
+    failure it saw first, rank 1's SIGKILL or rank 0's status 3: tests/test_peers.py holds the
+    3.)"""
     straight = tmp_path / "straight"
     proc = run(torchrun("--standalone", "--nproc_per_node", "2",
                         *train_command(tiny_pack, straight, **LOST)[1:]))
@@ -329,7 +331,6 @@ def test_under_torchrun_a_killed_rank_stops_the_survivor_at_once_and_a_rerun_res
     [line] = [x for x in err.splitlines() if x.startswith("error: ")]
     assert line.startswith(f"error: rank 0 of 2 lost rank 1 (pid {victim.pid} on ")
     assert "which is gone (in epoch " in line and "resumes from its last checkpoint" in line
-    assert re.search(r"exitcode\s*:\s*3\b", err)  # torchrun's report of rank 0
     progress = json.loads((killed / "progress.json").read_text())
     assert progress["status"] == "failed" and progress["error"] == line[len("error: "):]
     resumed = run(torchrun("--standalone", "--nproc_per_node", "2",
