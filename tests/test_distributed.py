@@ -200,6 +200,24 @@ DS = {**E2E, "train.epochs": 3, "train.episodes_per_epoch": 8, "train.meta_batch
       "train.max_grad_norm": 0.05, "train.lr_milestones": "[2]"}
 
 
+def start_until_first_epoch(cmd: list[str], run_dir: Path) -> subprocess.Popen:
+    """A launch in its own session; returns once its first epoch is done."""
+    job = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    progress = run_dir / "progress.json"
+    while not (progress.is_file() and json.loads(progress.read_text())["epoch"] >= 1):
+        assert job.poll() is None, job.stderr.read()[-3000:] if job.stderr else ""
+        time.sleep(0.05)
+    return job
+
+
+def rank_process(job: subprocess.Popen, rank: int) -> psutil.Process:
+    """The one process of a launch that is the given rank (below the launcher's own)."""
+    [process] = [p for p in psutil.Process(job.pid).children(recursive=True)
+                 if p.environ().get("RANK") == str(rank)]
+    return process
+
+
 def accelerate_launch(config: Path, run_dir: Path, pack: Path, **extra: object) -> list[str]:
     return [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
             str(config), "--main_process_port", "0", str(ROOT / "launch" / "train.py"),
@@ -262,21 +280,13 @@ def test_deepspeed_resumes_exactly_after_a_stop(tiny_pack: Path, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stopped = tmp_path / "stopped"
     cmd = accelerate_launch(launch, stopped, tiny_pack, **{"train.epochs": 4})
-    job = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
-    progress = stopped / "progress.json"
-    while not (progress.is_file() and json.loads(progress.read_text())["epoch"] >= 1):
-        assert job.poll() is None, job.stderr.read()[-3000:] if job.stderr else ""
-        subprocess.run(["sleep", "0.05"], check=True)
+    job = start_until_first_epoch(cmd, stopped)
     # SIGTERM to a rank, as SLURM sends it to the job's tasks (the launcher itself exits 1 on
     # a signal whatever its workers do); the ranks agree to stop at the same step
-    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
-             if p.environ().get("RANK") == "0"]
-    assert len(ranks) == 1
-    ranks[0].send_signal(signal.SIGTERM)
+    rank_process(job, 0).send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=300)
     assert job.returncode == 0, err[-3000:]
-    assert json.loads(progress.read_text())["status"] == "preempted"
+    assert json.loads((stopped / "progress.json").read_text())["status"] == "preempted"
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at epoch" in resumed.stdout
@@ -290,22 +300,10 @@ LOST = {**E2E, "train.epochs": 4, "train.episodes_per_epoch": 16, "train.meta_ba
 
 
 def start_ranks(run_dir: Path, pack: Path, **extra: object) -> subprocess.Popen:
-    """torchrun of two ranks in its own session; returns once the first epoch is done."""
-    job = subprocess.Popen(torchrun("--standalone", "--nproc_per_node", "2",
-                                    *train_command(pack, run_dir, **{**LOST, **extra})[1:]),
-                           env=single_thread_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
-    progress = run_dir / "progress.json"
-    while not (progress.is_file() and json.loads(progress.read_text())["epoch"] >= 1):
-        assert job.poll() is None, job.stderr.read()[-3000:] if job.stderr else ""
-        time.sleep(0.05)
-    return job
-
-
-def rank_process(job: subprocess.Popen, rank: int) -> psutil.Process:
-    [process] = [p for p in psutil.Process(job.pid).children()
-                 if p.environ().get("RANK") == str(rank)]
-    return process
+    """torchrun of two ranks; returns once the first epoch is done."""
+    return start_until_first_epoch(torchrun(
+        "--standalone", "--nproc_per_node", "2",
+        *train_command(pack, run_dir, **{**LOST, **extra})[1:]), run_dir)
 
 
 @pytest.mark.slow

@@ -120,7 +120,6 @@ def describe(sweep: Sweep, cluster: str) -> str:
         lines.append(f"  max_num_timeout: {ex.max_num_timeout}")
     if cluster == "slurm":
         lines.append(f"  max_lost_rank_requeues: {ex.max_lost_rank_requeues}")
-    if cluster == "slurm":
         jobs = -(-len(sweep.trials) // ex.trials_per_gpu)
         lines.append(f"  one job array of {jobs} jobs, {ex.trials_per_gpu} trials each "
                      f"({'sharing its GPU' if ex.gpus_per_node else 'sharing its CPUs'})"

@@ -110,14 +110,11 @@ class TrialJob:
                                stop_requested=lambda: self.stop_requested(guard),
                                tags=self.tags, on_validation=self.on_validation)
             state = result.status.value
-        except LostRankError as exc:
-            state, error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
-            if self.requeue_after(exc):
-                state = "requeued"
-                raise SystemExit(exc.exit_status) from exc  # no result: the job runs again
-            raise
         except Exception as exc:
             state, error = "failed", f"{type(exc).__name__}: {first_line(exc)}"
+            if isinstance(exc, LostRankError) and self.requeue_after(exc):
+                state = "requeued"
+                raise SystemExit(exc.exit_status) from exc  # no result: the job runs again
             raise
         finally:  # also after submitit's own requeue exit (SystemExit) or Ctrl-C: resumable
             if main:
