@@ -562,7 +562,8 @@ def _train(cfg: Config, rd: RunDir, changes: list[str], parent_run_id: str | Non
             report = trainer.test()
         except Exception as raised:
             # a collective that lost its peer: named (the ranks lost), and resumable
-            exc = peers.explain(raised, f"in epoch {trainer.epoch + 1}")
+            exc = peers.explain(raised, f"in epoch {trainer.epoch + 1}" if trainer.epoch <
+                                cfg.train.epochs else "after the last epoch")
             # on a full disk even progress.json may not fit: the error itself is what counts
             with contextlib.suppress(DiskFullError):
                 trainer.progress(Status.FAILED, str(exc) if isinstance(exc, HmamlError) else
